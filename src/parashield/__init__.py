@@ -1,0 +1,48 @@
+"""parashield: robustness of neural-network parameters.
+
+Corruptions inside a budget, loss change indicators, and adversarial parameter defense (APD),
+after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
+"""
+
+from .budget import Budget
+from .corruption import (
+    CorruptionResult,
+    GradientCorruption,
+    MultiStepCorruption,
+    RandomCorruption,
+    RandomCorruptionResult,
+    corrupted,
+    make_corruption,
+)
+from .indicators import (
+    LayerVulnerability,
+    critical_eps,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    layer_vulnerability,
+    loss_change,
+)
+from .objective import NonFiniteLossError, Objective
+from .selection import select_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "CorruptionResult",
+    "GradientCorruption",
+    "LayerVulnerability",
+    "MultiStepCorruption",
+    "NonFiniteLossError",
+    "Objective",
+    "RandomCorruption",
+    "RandomCorruptionResult",
+    "corrupted",
+    "critical_eps",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
+    "layer_vulnerability",
+    "loss_change",
+    "make_corruption",
+    "select_parameters",
+]

@@ -1,0 +1,368 @@
+"""Budgets: the sets S of allowed parameter corruptions (SPEC section 2).
+
+``S = {a : ||a||_p <= eps, ||a||_0 <= n}`` over all selected tensors seen as one vector, with
+p in {1, 2, inf} and optional n-sparsity. Scaled variants make eps scale-invariant:
+
+* ``scale="layer"``: a product of balls, ``||a_l||_p <= eps * ||w_l||_p`` per tensor l;
+* ``scale="element"``: ``||a / (|w| + eta)||_p <= eps`` (the adaptive-SAM geometry).
+
+A budget works on lists of tensors (one per selected parameter) with ``torch._foreach_*`` ops, so
+no flat copy of the model is made except where the maths needs a global order (L1 and top-n).
+Every method takes the current parameter values ``params`` because the scaled variants depend on
+them. The in-place forms (``steepest_``, ``project_``) are the core; the plain forms copy first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Tensors = list[Tensor]
+
+_NORMS = {"l1": 1.0, "1": 1.0, "l2": 2.0, "2": 2.0, "linf": math.inf, "inf": math.inf}
+_SCALES = (None, "layer", "element")
+
+
+def _canonical_norm(norm: Union[str, int, float]) -> str:
+    key = str(norm).lower().replace("_", "").replace("ℓ", "l")
+    if key in ("1.0", "2.0"):
+        key = key[0]
+    if key not in _NORMS:
+        raise ValueError(f"norm must be one of 'l1', 'l2', 'linf' (or 1, 2, inf); got {norm!r}")
+    return {1.0: "l1", 2.0: "l2", math.inf: "linf"}[_NORMS[key]]
+
+
+def _check_real(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
+    return value
+
+
+def _global_norm(ts: Sequence[Tensor], p: float) -> Tensor:
+    """Norm of the concatenation of ``ts`` as a 0-dim tensor (no host sync)."""
+    norms = torch.stack(torch._foreach_norm(list(ts), p))
+    if p == math.inf:
+        return norms.max()
+    if p == 1.0:
+        return norms.sum()
+    return torch.linalg.vector_norm(norms)
+
+
+def _layer_norms(ts: Sequence[Tensor], p: float) -> list[Tensor]:
+    return list(torch._foreach_norm(list(ts), p))
+
+
+def _safe_ratio(num: Union[Tensor, float], den: Tensor) -> Tensor:
+    """``num / den`` where ``den > 0``, else 0: a zero gradient gives a zero corruption."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+
+
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _unflat_(ts: Sequence[Tensor], flat: Tensor) -> None:
+    offset = 0
+    for t in ts:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n
+
+
+def _top_n_mask(score: Tensor, n: int) -> Tensor:
+    """Boolean mask of the n largest entries of ``score`` (ties broken by index)."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if n >= score.numel():
+        mask.fill_(True)
+    else:
+        mask[torch.topk(score, n, sorted=False).indices] = True
+    return mask
+
+
+def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]) -> Tensor:
+    """Euclidean projection of flat ``x`` onto ``{a : sum c_i |a_i| <= r}`` (c = 1 when None).
+
+    KKT: ``a_i = sign(x_i) (|x_i| - lam c_i)_+``; lam solves a piecewise-linear equation whose
+    breakpoints ``|x_i| / c_i`` are sorted once (Duchi et al. 2008, weighted form).
+    """
+    ax = x.abs()
+    c = torch.ones_like(ax) if c is None else c
+    total = (c * ax).sum()
+    r = torch.as_tensor(r, dtype=x.dtype, device=x.device)
+    breaks = ax / c
+    order = torch.argsort(breaks, descending=True)
+    b_sorted, c_sorted, x_sorted = breaks[order], c[order], ax[order]
+    a_cum = torch.cumsum(c_sorted * x_sorted, 0)
+    b_cum = torch.cumsum(c_sorted * c_sorted, 0)
+    lam_m = (a_cum - r) / b_cum
+    valid = b_sorted > lam_m
+    m = valid.nonzero().max() if valid.any() else torch.tensor(0, device=x.device)
+    lam = lam_m[m].clamp_min(0)
+    out = torch.sign(x) * (ax - lam * c).clamp_min(0)
+    return torch.where(total <= r, x, out)
+
+
+def _project_l2_weighted(x: Tensor, r: Union[float, Tensor], s: Tensor, iters: int = 80) -> Tensor:
+    """Euclidean projection of flat ``x`` onto the ellipsoid ``{a : ||a / s||_2 <= r}``.
+
+    KKT: ``a_i = x_i s_i^2 / (s_i^2 + lam)``; lam >= 0 found by bisection in float64 on the
+    monotone constraint residual, then a final rescale guarantees feasibility.
+    """
+    xd, sd = x.double(), s.double()
+    s2 = sd * sd
+    r = torch.as_tensor(r, dtype=torch.float64, device=x.device)
+    inside = torch.linalg.vector_norm(xd / sd) <= r
+    lo = torch.zeros((), dtype=torch.float64, device=x.device)
+    hi = torch.linalg.vector_norm(xd * sd) / r.clamp_min(1e-300)
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        over = torch.linalg.vector_norm(xd * sd / (s2 + mid)) > r
+        lo = torch.where(over, mid, lo)
+        hi = torch.where(over, hi, mid)
+    a = xd * s2 / (s2 + hi)
+    a = a * torch.clamp(r / torch.linalg.vector_norm(a / sd).clamp_min(1e-300), max=1.0)
+    return torch.where(inside, xd, a).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A corruption budget ``{a : ||a||_p <= eps, ||a||_0 <= sparsity}`` (see module docstring).
+
+    Args:
+        norm: ``"l1"``, ``"l2"`` or ``"linf"`` (also 1, 2, ``float("inf")``).
+        eps: radius, finite and >= 0 (relative to ``||w_l||`` or ``|w| + eta`` when scaled).
+        sparsity: at most this many coordinates change, across all selected tensors; ``None``
+            for dense corruption. Not combinable with ``scale="layer"``.
+        scale: ``None``, ``"layer"`` or ``"element"``.
+        eta: the additive constant of the element-relative scale ``|w| + eta``.
+    """
+
+    norm: str = "l2"
+    eps: float = 0.05
+    sparsity: Optional[int] = None
+    scale: Optional[str] = None
+    eta: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", _canonical_norm(self.norm))
+        object.__setattr__(self, "eps", _check_real("eps", self.eps))
+        object.__setattr__(self, "eta", _check_real("eta", self.eta))
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, int):
+                raise TypeError(f"sparsity must be a positive int or None, got {self.sparsity!r}")
+            if self.sparsity < 1:
+                raise ValueError(f"sparsity must be a positive int or None, got {self.sparsity}")
+        if self.scale not in _SCALES:
+            raise ValueError(f"scale must be None, 'layer' or 'element'; got {self.scale!r}")
+        if self.scale == "layer" and self.sparsity is not None:
+            raise ValueError(
+                "sparsity cannot be combined with scale='layer' (per-layer balls have no global "
+                "top-n); use scale=None or scale='element'"
+            )
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def p(self) -> float:
+        return _NORMS[self.norm]
+
+    @property
+    def q(self) -> float:
+        """Dual exponent: 1/p + 1/q = 1."""
+        return {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[self.p]
+
+    def with_eps(self, eps: float) -> "Budget":
+        return replace(self, eps=eps)
+
+    def _element_scale(self, params: Sequence[Tensor]) -> Tensors:
+        s = torch._foreach_abs([w.detach() for w in params])
+        torch._foreach_add_(s, self.eta)
+        return s
+
+    def _layer_radii(self, params: Sequence[Tensor], radius: float) -> list[Tensor]:
+        return [n * radius for n in _layer_norms([w.detach() for w in params], self.p)]
+
+    # ------------------------------------------------------------------ steepest ascent
+    def steepest_(self, grads: Tensors, params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
+        """Overwrite ``grads`` with ``argmax_{a in S(radius)} <g, a>`` (radius defaults to eps).
+
+        With q the dual exponent and h = g kept on its n largest |g_i|:
+        ``a = r sign(h)|h|^(q-1) / ||h||_q^(q-1)``; a zero gradient gives a zero corruption.
+        """
+        r = self.eps if radius is None else radius
+        s = self._element_scale(params) if self.scale == "element" else None
+        if s is not None:
+            torch._foreach_mul_(grads, s)
+        if self.sparsity is not None:
+            flat = _flat(grads)
+            flat.mul_(_top_n_mask(flat.abs(), self.sparsity))
+            _unflat_(grads, flat)
+        if self.scale == "layer":
+            radii = self._layer_radii(params, r)
+            if self.norm == "linf":
+                torch._foreach_sign_(grads)
+                torch._foreach_mul_(grads, radii)
+            elif self.norm == "l2":
+                norms = _layer_norms(grads, 2.0)
+                torch._foreach_mul_(grads, [_safe_ratio(rl, n) for rl, n in zip(radii, norms)])
+            else:
+                for g, rl in zip(grads, radii):
+                    flat = g.reshape(-1)
+                    i = flat.abs().argmax()
+                    val = flat[i].sign() * rl
+                    flat.zero_()
+                    flat[i] = val
+        elif self.norm == "linf":
+            torch._foreach_sign_(grads)
+            torch._foreach_mul_(grads, r)
+        elif self.norm == "l2":
+            torch._foreach_mul_(grads, _safe_ratio(r, _global_norm(grads, 2.0)))
+        else:
+            flat = _flat(grads)
+            i = flat.abs().argmax()
+            val = flat[i].sign() * r
+            flat.zero_()
+            flat[i] = val
+            _unflat_(grads, flat)
+        if s is not None:
+            torch._foreach_mul_(grads, s)
+        return grads
+
+    def steepest(self, grads: Sequence[Tensor], params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
+        return self.steepest_([g.detach().clone() for g in grads], params, radius)
+
+    def ascent_value(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """``max_{a in S} <g, a>``: eps times the dual norm of g in this geometry (0-dim tensor)."""
+        d = self.steepest(grads, params)
+        return torch.stack([torch.vdot(x.reshape(-1), g.detach().reshape(-1)) for x, g in zip(d, grads)]).sum()
+
+    # ------------------------------------------------------------------ projection
+    def project_(self, deltas: Tensors, params: Sequence[Tensor]) -> Tensors:
+        """Overwrite ``deltas`` with their Euclidean projection onto S.
+
+        Exact for every norm and scale without sparsity. With sparsity the n coordinates with the
+        largest ``|a_i|`` are kept (for L-inf the largest saving ``a_i^2 - (|a_i| - bound_i)_+^2``)
+        and then projected onto the ball: exact for L2 and L-inf, a heuristic for L1 and for
+        element-scaled L2 (SPEC section 2).
+        """
+        r = self.eps
+        s = self._element_scale(params) if self.scale == "element" else None
+        if self.scale == "layer":
+            radii = self._layer_radii(params, r)
+            if self.norm == "linf":
+                for a, rl in zip(deltas, radii):
+                    a.clamp_(-rl, rl)
+            elif self.norm == "l2":
+                norms = _layer_norms(deltas, 2.0)
+                factors = [torch.clamp(_safe_ratio(rl, n), max=1.0) for rl, n in zip(radii, norms)]
+                torch._foreach_mul_(deltas, factors)
+            else:
+                for a, rl in zip(deltas, radii):
+                    a.copy_(_project_l1_weighted(a.reshape(-1), rl, None).view_as(a))
+            return deltas
+        if self.sparsity is None and s is None and self.norm != "l1":
+            if self.norm == "linf":
+                torch._foreach_clamp_min_(deltas, -r)
+                torch._foreach_clamp_max_(deltas, r)
+            else:
+                torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
+            return deltas
+        flat = _flat(deltas)
+        sflat = _flat(s) if s is not None else None
+        if self.sparsity is not None:
+            if self.norm == "linf":
+                bound = r if sflat is None else r * sflat
+                score = flat.square() - (flat.abs() - bound).clamp_min(0).square()
+            else:
+                score = flat.abs()
+            flat.mul_(_top_n_mask(score, self.sparsity))
+        if self.norm == "linf":
+            bound = torch.full_like(flat, r) if sflat is None else r * sflat
+            flat = torch.maximum(torch.minimum(flat, bound), -bound)
+        elif self.norm == "l2":
+            if sflat is None:
+                flat.mul_(torch.clamp(_safe_ratio(r, torch.linalg.vector_norm(flat)), max=1.0))
+            else:
+                flat = _project_l2_weighted(flat, r, sflat)
+        else:
+            flat = _project_l1_weighted(flat, r, None if sflat is None else 1.0 / sflat)
+        _unflat_(deltas, flat)
+        return deltas
+
+    def project(self, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> Tensors:
+        return self.project_([a.detach().clone() for a in deltas], params)
+
+    # ------------------------------------------------------------------ measuring and sampling
+    def measure(self, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> float:
+        """The budget's size of ``deltas``: ``a in S`` iff ``measure(a) <= eps`` (and sparsity)."""
+        deltas = [a.detach() for a in deltas]
+        if self.scale == "layer":
+            ratios = [
+                (n / wn) if wn > 0 else (0.0 if n == 0 else math.inf)
+                for n, wn in zip(_layer_norms(deltas, self.p), _layer_norms([w.detach() for w in params], self.p))
+            ]
+            return float(max(float(x) for x in ratios))
+        if self.scale == "element":
+            deltas = torch._foreach_div(deltas, self._element_scale(params))
+        return float(_global_norm(deltas, self.p))
+
+    def contains(self, deltas: Sequence[Tensor], params: Sequence[Tensor], rtol: float = 1e-5) -> bool:
+        """Whether ``deltas`` lies in S up to a relative tolerance ``rtol``."""
+        if self.sparsity is not None and sum(int(a.count_nonzero()) for a in deltas) > self.sparsity:
+            return False
+        return self.measure(deltas, params) <= self.eps * (1 + rtol) + 1e-12
+
+    def sample(
+        self, params: Sequence[Tensor], generator: Union[torch.Generator, int, None] = None
+    ) -> Tensors:
+        """A random corruption on the boundary of S: uniform direction on the p-sphere, on a
+        uniformly random support of size n when sparse (each layer on its own sphere when
+        ``scale="layer"``)."""
+        params = [w.detach() for w in params]
+        device, dtype = params[0].device, params[0].dtype
+        if isinstance(generator, int):
+            generator = torch.Generator(device="cpu").manual_seed(generator)
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        k = sum(w.numel() for w in params)
+        m = k if self.sparsity is None else min(self.sparsity, k)
+        direction = self._unit_direction(m, generator, gen_device)
+        if m < k:
+            support = torch.randperm(k, generator=generator, device=gen_device)[:m]
+            full = torch.zeros(k, dtype=torch.float64, device=gen_device)
+            full[support] = direction
+            direction = full
+        out = [torch.empty_like(w) for w in params]
+        _unflat_(out, direction.to(device=device, dtype=dtype))
+        if self.scale == "layer":
+            norms = _layer_norms(out, self.p)
+            radii = self._layer_radii(params, self.eps)
+            torch._foreach_mul_(out, [_safe_ratio(rl, n) for rl, n in zip(radii, norms)])
+            return out
+        torch._foreach_mul_(out, self.eps)
+        if self.scale == "element":
+            torch._foreach_mul_(out, self._element_scale(params))
+        return out
+
+    def _unit_direction(self, m: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
+        """Uniform on the unit p-sphere of R^m (float64)."""
+        kw = dict(generator=generator, device=device, dtype=torch.float64)
+        if self.norm == "l2":
+            u = torch.randn(m, **kw)
+            return u / torch.linalg.vector_norm(u)
+        if self.norm == "l1":
+            # |u| ~ Dirichlet(1,...,1) is uniform on the simplex; random signs cover the sphere.
+            e = -torch.log(torch.rand(m, **kw).clamp_min(1e-300))
+            signs = torch.randint(0, 2, (m,), generator=generator, device=device).double() * 2 - 1
+            return signs * e / e.sum()
+        # L-inf sphere: pick one of the 2m faces uniformly (equal areas), uniform on that face.
+        u = torch.rand(m, **kw) * 2 - 1
+        face = int(torch.randint(0, m, (1,), generator=generator, device=device))
+        u[face] = 1.0 if bool(torch.randint(0, 2, (1,), generator=generator, device=device)) else -1.0
+        return u

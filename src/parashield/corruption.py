@@ -1,0 +1,286 @@
+"""Parameter corruptions (SPEC section 3): random, gradient (one-step) and multi-step adversarial,
+and ``corrupted``, the context manager that applies one and restores the model bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .budget import Budget
+from .objective import Objective, Probe, check_finite
+
+Tensors = list[Tensor]
+
+
+@dataclass
+class CorruptionResult:
+    """What a corruption found.
+
+    ``delta`` maps parameter names to corruption tensors; ``loss_before``/``loss_after`` are the
+    objective's loss at w and at w + delta; ``history`` is the loss per step (multi-step: the loss
+    at each iterate a_0..a_K; random: the loss of each trial); ``trial_losses`` only for random.
+    """
+
+    delta: dict[str, Tensor]
+    loss_before: float
+    loss_after: float
+    budget: Budget
+    method: str
+    history: list[float] = field(default_factory=list)
+    passes: int = 0
+
+    @property
+    def loss_change(self) -> float:
+        return self.loss_after - self.loss_before
+
+    def as_dict(self) -> dict:
+        """JSON-ready summary (no tensors)."""
+        return {
+            "method": self.method,
+            "norm": self.budget.norm,
+            "eps": self.budget.eps,
+            "sparsity": self.budget.sparsity,
+            "scale": self.budget.scale,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "loss_change": self.loss_change,
+            "history": list(self.history),
+            "passes": self.passes,
+        }
+
+
+@dataclass
+class RandomCorruptionResult(CorruptionResult):
+    """Random trials: ``delta``/``loss_after`` are the worst trial; the statistics cover all."""
+
+    @property
+    def trial_changes(self) -> list[float]:
+        return [x - self.loss_before for x in self.history]
+
+    @property
+    def mean_change(self) -> float:
+        c = self.trial_changes
+        return sum(c) / len(c)
+
+    @property
+    def std_change(self) -> float:
+        c = self.trial_changes
+        m = self.mean_change
+        return math.sqrt(sum((x - m) ** 2 for x in c) / max(len(c) - 1, 1))
+
+    def as_dict(self) -> dict:
+        out = super().as_dict()
+        out.update(mean_change=self.mean_change, std_change=self.std_change, worst_change=self.loss_change)
+        return out
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def _check_budget(budget: object) -> Budget:
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")
+    return budget
+
+
+def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]:
+    return {n: a.detach().clone() for n, a in zip(objective.names, delta)}
+
+
+class RandomCorruption:
+    """``trials`` random corruptions on the boundary of the budget (seeded)."""
+
+    def __init__(self, budget: Budget, trials: int = 10, seed: int = 0) -> None:
+        self.budget = _check_budget(budget)
+        self.trials = _check_count("trials", trials)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+
+    def samples(self, objective: Objective) -> Iterator[Tensors]:
+        """The trial corruptions, in order (the same ones every call)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.trials):
+            yield self.budget.sample(objective.params, gen)
+
+    def __call__(self, objective: Objective) -> RandomCorruptionResult:
+        with objective.probe() as pr:
+            before = check_finite(pr.loss(), "loss at w")
+            losses, worst, worst_loss = [], None, -math.inf
+            for delta in self.samples(objective):
+                pr.set(delta)
+                loss = check_finite(pr.loss(), "loss at w + a (random trial)")
+                losses.append(loss)
+                if loss > worst_loss:
+                    worst, worst_loss = delta, loss
+        return RandomCorruptionResult(
+            _as_dict(objective, worst), before, worst_loss, self.budget, "random", losses,
+            passes=self.trials + 1,
+        )
+
+
+class GradientCorruption:
+    """One-step corruption ``a = steepest(grad L(w))``: first-order optimal."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = _check_budget(budget)
+
+    def __call__(self, objective: Objective) -> CorruptionResult:
+        with objective.probe() as pr:
+            loss, grads = pr.gradient()
+            delta = self.budget.steepest_(grads, pr.clean)
+            pr.set(delta)
+            after = check_finite(pr.loss(), "loss at w + a (one-step)")
+        before = float(loss)
+        return CorruptionResult(
+            _as_dict(objective, delta), before, after, self.budget, "one_step", [before, after], passes=2
+        )
+
+
+class MultiStepCorruption:
+    """Multi-step adversarial corruption: projected gradient ascent on the parameters.
+
+    ``a_0 = 0`` (or a random point of the budget), ``a_{t+1} = project(a_t + alpha *
+    steepest_unit(grad L(w + a_t)))`` for t < steps; the highest-loss iterate is kept.
+
+    Args:
+        budget: the constraint set.
+        steps: number of ascent steps K (>= 1).
+        step_size: alpha, relative like eps (a fraction of ``||w_l||`` or ``|w| + eta`` when the
+            budget is scaled). Default ``1.5 * eps / steps``, the choice of the only public code
+            near the papers: K steps can travel 1.5 times across the ball.
+        random_start: start from a random point inside the budget instead of 0.
+        restarts: independent runs (the first from 0 unless ``random_start``, the others from
+            random points); the best is returned.
+        keep_best: return the iterate with the highest loss rather than the last one (measured
+            on the whole data, so only with ``per_step="full"``).
+        per_step: ``"full"`` takes the gradient over all the objective's data at every step
+            (exact); ``"batch"`` takes one batch per step, cycling through the data (stochastic,
+            cheaper on large data). The final loss is always measured on all the data.
+        seed: seed of the random starts.
+    """
+
+    def __init__(
+        self,
+        budget: Budget,
+        steps: int = 10,
+        step_size: Optional[float] = None,
+        random_start: bool = False,
+        restarts: int = 1,
+        keep_best: bool = True,
+        per_step: str = "full",
+        seed: int = 0,
+    ) -> None:
+        self.budget = _check_budget(budget)
+        self.steps = _check_count("steps", steps)
+        self.restarts = _check_count("restarts", restarts)
+        if step_size is None:
+            step_size = 1.5 * self.budget.eps / self.steps
+        elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
+            math.isfinite(step_size) and step_size > 0
+        ):
+            raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
+        if per_step not in ("full", "batch"):
+            raise ValueError(f"per_step must be 'full' or 'batch', got {per_step!r}")
+        self.step_size = float(step_size)
+        self.random_start = bool(random_start)
+        self.keep_best = bool(keep_best)
+        self.per_step = per_step
+        self.seed = seed
+
+    def _start(self, pr: Probe, restart: int, gen: torch.Generator) -> Tensors:
+        if restart == 0 and not self.random_start:
+            return [torch.zeros_like(p) for p in pr.clean]
+        # A boundary sample shrunk by a uniform factor: a random point inside the budget.
+        delta = self.budget.sample(pr.clean, gen)
+        torch._foreach_mul_(delta, float(torch.rand((), generator=gen)))
+        return delta
+
+    def _step_data(self, objective: Objective) -> Iterator:
+        if self.per_step == "full":
+            while True:
+                yield None
+        while True:
+            yielded = False
+            for batch in objective.batches():
+                yielded = True
+                yield batch
+            if not yielded:
+                raise ValueError("data yielded no batch")
+
+    def __call__(self, objective: Objective) -> CorruptionResult:
+        gen = torch.Generator().manual_seed(self.seed)
+        exact = self.per_step == "full"
+        with objective.probe() as pr:
+            before = check_finite(pr.loss(), "loss at w")
+            best, best_loss, history = None, -math.inf, []
+            passes = 1
+            data = self._step_data(objective)
+            for restart in range(self.restarts):
+                delta = self._start(pr, restart, gen)
+                for t in range(self.steps):
+                    pr.set(delta)
+                    loss, grads = pr.gradient(next(data))
+                    passes += 1
+                    history.append(float(loss))
+                    if exact and self.keep_best and history[-1] > best_loss:
+                        best, best_loss = [a.clone() for a in delta], history[-1]
+                    step = self.budget.steepest_(grads, pr.clean, radius=self.step_size)
+                    torch._foreach_add_(delta, step)
+                    self.budget.project_(delta, pr.clean)
+                pr.set(delta)
+                final = check_finite(pr.loss(), f"loss at w + a_{self.steps} (multi-step)")
+                passes += 1
+                history.append(final)
+                if final > best_loss:  # without keep_best, only final iterates compete
+                    best, best_loss = delta, final
+        return CorruptionResult(
+            _as_dict(objective, best), before, best_loss, self.budget, "multi_step", history, passes=passes
+        )
+
+
+def make_corruption(kind: str, budget: Budget, **kwargs) -> Union[RandomCorruption, GradientCorruption, MultiStepCorruption]:
+    """Build a corruption from its name: ``"random"``, ``"one_step"`` or ``"multi_step"``."""
+    kinds = {"random": RandomCorruption, "one_step": GradientCorruption, "multi_step": MultiStepCorruption}
+    if kind not in kinds:
+        raise ValueError(f"corruption must be one of {sorted(kinds)}, got {kind!r}")
+    return kinds[kind](budget, **kwargs)
+
+
+@contextmanager
+def corrupted(
+    model: nn.Module, corruption: Union[CorruptionResult, Mapping[str, Tensor]]
+) -> Iterator[nn.Module]:
+    """Apply a corruption (a result or ``{name: delta}``) to ``model``'s parameters in place, and
+    restore every touched parameter bit for bit on exit (exceptions and KeyboardInterrupt too).
+    """
+    delta = corruption.delta if isinstance(corruption, CorruptionResult) else corruption
+    if not isinstance(delta, Mapping):
+        raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
+    named = dict(model.named_parameters())
+    unknown = [n for n in delta if n not in named]
+    if unknown:
+        raise ValueError(f"corruption names parameters the model does not have: {unknown[:5]}")
+    params = [named[n] for n in delta]
+    for n, p in zip(delta, params):
+        if tuple(delta[n].shape) != tuple(p.shape):
+            raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            torch._foreach_add_(params, [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)])
+        yield model
+    finally:
+        with torch.no_grad():
+            torch._foreach_copy_(params, saved)

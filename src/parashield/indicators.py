@@ -1,0 +1,341 @@
+"""Loss change indicators (SPEC section 4): estimates of ``max_{a in S} L(w + a) - L(w)``, the
+curvature extras (top Hessian eigenvalue, Hessian trace), per-layer vulnerability and the
+critical eps at which a metric collapses.
+
+Curvature is reached only through Hessian-vector products (double backward); the Krylov solvers
+work on flat float64 vectors of the selected parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .budget import Budget, _flat, _unflat_
+from .corruption import (
+    GradientCorruption,
+    MultiStepCorruption,
+    RandomCorruption,
+    _check_budget,
+    _check_count,
+    corrupted,
+    make_corruption,
+)
+from .objective import Objective, Probe, preserved_modes
+
+METHODS = ("first_order", "second_order", "random", "one_step", "multi_step")
+
+
+def loss_change(objective: Objective, budget: Budget, method: str = "first_order", **kwargs) -> float:
+    """Estimate ``max_{a in S} L(w + a) - L(w)``.
+
+    Methods: ``"first_order"`` (``eps * ||h||_q``, exact for linear losses), ``"second_order"``
+    (maximum of ``g.a + a.H.a / 2`` over S; kwargs ``iters``), ``"random"`` (mean change over
+    random boundary corruptions; kwargs ``trials``, ``seed``), ``"one_step"`` and ``"multi_step"``
+    (the change the corruption reaches; kwargs of ``MultiStepCorruption`` such as ``steps``).
+    """
+    _check_budget(budget)
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}")
+    if method == "first_order":
+        _no_kwargs(method, kwargs)
+        with objective.probe() as pr:
+            _, grads = pr.gradient()
+            return float(budget.ascent_value(grads, pr.clean))
+    if method == "second_order":
+        return second_order(objective, budget, **kwargs)
+    if method == "random":
+        return RandomCorruption(budget, **kwargs)(objective).mean_change
+    if method == "one_step":
+        _no_kwargs(method, kwargs)
+        return GradientCorruption(budget)(objective).loss_change
+    if method == "multi_step":
+        return MultiStepCorruption(budget, **kwargs)(objective).loss_change
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _no_kwargs(method: str, kwargs: dict) -> None:
+    if kwargs:
+        raise TypeError(f"method {method!r} takes no options, got {sorted(kwargs)}")
+
+
+# ---------------------------------------------------------------------------- flat HVP operator
+class _FlatHessian:
+    """``v -> H v`` on flat float64 vectors, optionally in element-scaled coordinates
+    ``v -> s * H (s * v)``."""
+
+    def __init__(self, probe: Probe, scale: Optional[Tensor] = None) -> None:
+        self.probe = probe
+        self.shapes = [torch.empty_like(p) for p in probe.clean]
+        self.scale = scale
+        self.calls = 0
+
+    def __call__(self, v: Tensor) -> Tensor:
+        self.calls += 1
+        x = v if self.scale is None else v * self.scale
+        parts = [torch.empty_like(p) for p in self.shapes]
+        _unflat_(parts, x.to(self.shapes[0].dtype))
+        hv = _flat(self.probe.hvp(parts)).double()
+        return hv if self.scale is None else hv * self.scale
+
+
+def _lanczos(op: Callable[[Tensor], Tensor], start: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """Lanczos with full reorthogonalisation. Returns the tridiagonal T (m x m) and the basis Q
+    (m x k); stops early on an invariant subspace, where the result is exact."""
+    k = start.numel()
+    m_max = min(iters, k)
+    q = start / torch.linalg.vector_norm(start)
+    basis, alphas, betas = [q], [], []
+    for j in range(m_max):
+        w = op(basis[j])
+        alpha = torch.dot(w, basis[j])
+        alphas.append(alpha)
+        Q = torch.stack(basis)
+        w = w - Q.T @ (Q @ w)
+        w = w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
+        beta = torch.linalg.vector_norm(w)
+        if j == m_max - 1 or beta <= 1e-10 * max(1.0, abs(float(alpha))):
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    m = len(alphas)
+    T = torch.diag(torch.stack(alphas))
+    if m > 1:
+        off = torch.stack(betas[: m - 1])
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return T, torch.stack(basis[:m])
+
+
+def _trust_region_max(T: Tensor, b: Tensor, r: float) -> tuple[Tensor, float]:
+    """Exact ``max_{||y|| <= r} b.y + y.T.y / 2`` for a small symmetric T (Moré-Sorensen via
+    the eigendecomposition, hard case included)."""
+    lam, V = torch.linalg.eigh(T)
+    c = V.T @ b  # maximise c.z + sum lam_i z_i^2 / 2 over ||z|| <= r, y = V z
+    lmax = float(lam[-1])
+
+    def z_of(mu: float) -> Tensor:  # stationary point of the Lagrangian, mu > lam_max
+        return c / (mu - lam)
+
+    if lmax < 0:
+        z0 = z_of(0.0)
+        if float(torch.linalg.vector_norm(z0)) <= r:
+            return V @ z0, float(c @ z0 + 0.5 * (lam * z0 * z0).sum())
+    lo = max(lmax, 0.0)
+    tiny = 1e-12 * max(1.0, abs(lmax))
+    top = lam >= lmax - tiny
+    c_top = float(torch.linalg.vector_norm(c[top]))
+    if c_top <= 1e-14 * max(1.0, float(torch.linalg.vector_norm(c))):
+        # Hard case: the secular equation has no root above lam_max; move along its eigenvector.
+        safe = torch.where(top, torch.ones_like(lam), lmax - lam)
+        z = torch.where(top, torch.zeros_like(c), c / safe)
+        if float(torch.linalg.vector_norm(z)) <= r:
+            fill = math.sqrt(max(r * r - float(z @ z), 0.0))
+            z = z.clone()
+            z[int(torch.nonzero(top)[0])] = fill
+            return V @ z, float(c @ z + 0.5 * (lam * z * z).sum())
+    hi = lo + float(torch.linalg.vector_norm(c)) / r + 1.0
+    while float(torch.linalg.vector_norm(z_of(hi))) > r:
+        hi = 2 * hi - lo
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        if float(torch.linalg.vector_norm(z_of(mid))) > r:
+            lo = mid
+        else:
+            hi = mid
+    z = z_of(hi)
+    return V @ z, float(c @ z + 0.5 * (lam * z * z).sum())
+
+
+def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: int = 0) -> float:
+    """Maximum over S of the quadratic model ``g.a + a.H.a / 2`` (Hessian-vector products only).
+
+    For dense L2 budgets (plain or element-scaled) this is the trust-region subproblem, solved
+    exactly in a Krylov space of up to ``iters`` Lanczos vectors (exact once the space is
+    invariant, e.g. when ``iters >= k``). Other budgets use projected gradient ascent on the
+    model with step ``1 / |lambda_max|`` from the one-step corruption, ``iters`` steps.
+    """
+    _check_count("iters", iters)
+    with objective.probe() as pr:
+        _, grads = pr.gradient()
+        g = _flat(grads).double()
+        if budget.norm == "l2" and budget.sparsity is None and budget.scale in (None, "element"):
+            s = _flat(budget._element_scale(pr.clean)).double() if budget.scale == "element" else None
+            op = _FlatHessian(pr, s)
+            b = g if s is None else g * s
+            nb = float(torch.linalg.vector_norm(b))
+            start = b if nb > 0 else torch.randn(b.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            T, Q = _lanczos(op, start.to(b.device), iters)
+            y, value = _trust_region_max(T.cpu(), (Q @ b).cpu(), budget.eps)
+            return value
+        op = _FlatHessian(pr)
+        lam = abs(_power_iteration(op, g.numel(), 20, 1e-4, seed, g.device))
+        step = 1.0 / lam if lam > 0 else 1.0
+        parts = budget.steepest(grads, pr.clean)
+        a = _flat(parts).double()
+        best = -math.inf
+        for _ in range(iters):
+            ha = op(a)
+            best = max(best, float(g @ a + 0.5 * (a @ ha)))
+            _unflat_(parts, (a + step * (g + ha)).to(parts[0].dtype))
+            budget.project_(parts, pr.clean)
+            a = _flat(parts).double()
+        ha = op(a)
+        return max(best, float(g @ a + 0.5 * (a @ ha)))
+
+
+def _power_iteration(op, k: int, iters: int, tol: float, seed: int, device) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(k, generator=gen, dtype=torch.float64).to(device)
+    v /= torch.linalg.vector_norm(v)
+    value = 0.0
+    for _ in range(iters):
+        hv = op(v)
+        new = float(v @ hv)
+        norm = torch.linalg.vector_norm(hv)
+        if float(norm) == 0:
+            return 0.0
+        v = hv / norm
+        if abs(new - value) <= tol * max(abs(new), 1e-12):
+            return new
+        value = new
+    return value
+
+
+def hessian_top_eigenvalue(
+    objective: Objective, iters: int = 100, tol: float = 1e-6, method: str = "lanczos", seed: int = 0
+) -> float:
+    """Dominant (largest-magnitude) eigenvalue of the Hessian of the loss, with its sign.
+
+    ``method="lanczos"`` (default; ``iters`` Krylov vectors, converges much faster) or
+    ``"power"`` (power iteration until the Rayleigh quotient changes by less than ``tol``).
+    """
+    _check_count("iters", iters)
+    if method not in ("lanczos", "power"):
+        raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
+    with objective.probe() as pr:
+        op = _FlatHessian(pr)
+        k = objective.numel
+        if method == "power":
+            return _power_iteration(op, k, iters, tol, seed, objective.device)
+        start = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        T, _ = _lanczos(op, start.to(objective.device), iters)
+        ev = torch.linalg.eigvalsh(T.cpu())
+        return float(ev[ev.abs().argmax()])
+
+
+def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> float:
+    """Hutchinson estimate ``E[v.H.v]`` of the Hessian trace with Rademacher vectors (seeded)."""
+    _check_count("samples", samples)
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with objective.probe() as pr:
+        op = _FlatHessian(pr)
+        for _ in range(samples):
+            v = (torch.randint(0, 2, (objective.numel,), generator=gen).double() * 2 - 1).to(objective.device)
+            total += float(v @ op(v))
+    return total / samples
+
+
+# ---------------------------------------------------------------------------- per layer
+@dataclass
+class LayerVulnerability:
+    """Indicator value when only ``name`` (a parameter or a module) is corrupted."""
+
+    name: str
+    numel: int
+    value: float
+
+
+def layer_vulnerability(
+    objective: Objective, budget: Budget, method: str = "first_order", by: str = "parameter", **kwargs
+) -> list[LayerVulnerability]:
+    """The indicator for every layer corrupted alone, most vulnerable first.
+
+    ``by="parameter"`` treats each selected tensor as a layer, ``by="module"`` groups tensors by
+    their owning module. ``first_order`` reuses one gradient for all layers; other methods run
+    once per layer.
+    """
+    if by not in ("parameter", "module"):
+        raise ValueError(f"by must be 'parameter' or 'module', got {by!r}")
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(objective.names):
+        key = name if by == "parameter" else (name.rsplit(".", 1)[0] if "." in name else name)
+        groups.setdefault(key, []).append(i)
+    rows = []
+    if method == "first_order":
+        _no_kwargs(method, kwargs)
+        with objective.probe() as pr:
+            _, grads = pr.gradient()
+            for key, idx in groups.items():
+                value = budget.ascent_value([grads[i] for i in idx], [pr.clean[i] for i in idx])
+                rows.append(LayerVulnerability(key, sum(objective.params[i].numel() for i in idx), float(value)))
+    else:
+        for key, idx in groups.items():
+            names = [objective.names[i] for i in idx]
+            sub = objective.restrict(names)
+            rows.append(LayerVulnerability(key, sub.numel, loss_change(sub, budget, method, **kwargs)))
+    return sorted(rows, key=lambda r: r.value, reverse=True)
+
+
+# ---------------------------------------------------------------------------- critical eps
+def critical_eps(
+    objective: Objective,
+    budget: Budget,
+    metric: Callable[[nn.Module], float],
+    drop: float,
+    corruption: str = "multi_step",
+    eps_max: Optional[float] = None,
+    iters: int = 12,
+    **corruption_kwargs,
+) -> float:
+    """Smallest eps at which ``metric(model)`` falls by at least ``drop`` under the corruption.
+
+    The corruption is computed on the objective's data; ``metric`` is evaluated (in eval mode) on
+    whatever data it closes over, e.g. held-out accuracy. For ``"random"`` the metric is averaged
+    over the trials. The search doubles eps from ``eps_max`` (default: the budget's eps) until the
+    drop is reached (at most 30 doublings, else ``inf``), then bisects ``iters`` times; it
+    assumes the drop grows with eps and returns the upper end of the final bracket.
+    """
+    _check_budget(budget)
+    _check_count("iters", iters)
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
+        raise ValueError(f"drop must be a finite positive number, got {drop!r}")
+    model = objective.model
+
+    def measured(eps: float) -> float:
+        with preserved_modes(model, False):
+            b = budget.with_eps(eps)
+            if corruption == "random":
+                rc = RandomCorruption(b, **corruption_kwargs)
+                values = []
+                for delta in rc.samples(objective):
+                    with corrupted(model, dict(zip(objective.names, delta))):
+                        values.append(float(metric(model)))
+                return sum(values) / len(values)
+            result = make_corruption(corruption, b, **corruption_kwargs)(objective)
+            with corrupted(model, result):
+                return float(metric(model))
+
+    with preserved_modes(model, False):
+        base = float(metric(model))
+    hi = float(eps_max if eps_max is not None else budget.eps) or 1e-3
+    for _ in range(30):
+        if base - measured(hi) >= drop:
+            break
+        hi *= 2
+    else:
+        return math.inf
+    lo = 0.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if base - measured(mid) >= drop:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -1,0 +1,269 @@
+"""The objective L(w + a): a model, a loss function and data, seen as a function of the selected
+parameters (SPEC section 1).
+
+``Objective.probe()`` is the one place where the model is touched: it puts the model in eval mode
+(or keeps train mode on request), saves the selected parameters once, and on exit restores
+parameters, buffers, ``.grad``, modes and ``requires_grad`` flags exactly as found, also when an
+exception or KeyboardInterrupt escapes. Gradients are taken with ``torch.autograd.grad``, so the
+user's ``.grad`` fields are never written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .selection import ParamSpec, select_parameters
+
+Tensors = list[Tensor]
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or its gradient) is NaN or infinite."""
+
+
+def is_single_batch(data: Any) -> bool:
+    """A tensor, a tuple, a mapping, or a list of tensors is one batch; any other iterable (a
+    DataLoader, a list of batches) is a sequence of batches."""
+    if isinstance(data, (Tensor, tuple, Mapping)):
+        return True
+    if isinstance(data, list):
+        return all(isinstance(x, Tensor) for x in data)
+    return False
+
+
+def batch_size(batch: Any) -> int:
+    """Number of examples in a batch: the leading dimension of its first tensor (1 if none)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for item in items:
+        if isinstance(item, (Tensor, list, tuple, Mapping)):
+            return batch_size(item)
+    return 1
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``; other objects pass through."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True) if batch.device != device else batch
+    if isinstance(batch, Mapping):
+        return type(batch)((k, to_device(v, device)) for k, v in batch.items())
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(x, device) for x in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    return batch
+
+
+@contextmanager
+def preserved_modes(model: nn.Module, train: Optional[bool]) -> Iterator[None]:
+    """Set every module's mode to ``train`` (None keeps them) and restore each one on exit."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        if train is not None:
+            model.train(train)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def check_finite(value: Tensor, what: str) -> float:
+    """Return ``float(value)``, raising NonFiniteLossError naming ``what`` if it is NaN/Inf."""
+    out = float(value)
+    if not math.isfinite(out):
+        raise NonFiniteLossError(f"{what} is {out}: the loss is not finite (check the model, the data and eps)")
+    return out
+
+
+class Objective:
+    """``L(w + a)`` for a model, ``loss_fn(model, batch) -> scalar tensor`` and data.
+
+    Args:
+        model: the network; only the selected parameters are ever changed (and restored).
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of the batch as a scalar.
+        data: one batch (a tensor, tuple, dict or list of tensors) or a re-iterable of batches
+            (a DataLoader, a list of batches); over several batches the loss is the
+            example-weighted mean, the weight being the leading dimension of each batch.
+        params: which parameters are variables (see ``select_parameters``); default all
+            trainable floating-point parameters.
+        train_mode: evaluate in train mode (BatchNorm batch statistics, dropout) instead of eval
+            mode; buffers such as running statistics are restored afterwards.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: Any,
+        params: ParamSpec = None,
+        *,
+        train_mode: bool = False,
+    ) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        if isinstance(data, Iterator):
+            raise TypeError(
+                "data must be one batch or a re-iterable of batches (a DataLoader or a list); "
+                "an iterator/generator can be read only once"
+            )
+        if not is_single_batch(data) and not isinstance(data, Iterable):
+            raise TypeError(f"data must be a batch or an iterable of batches, got {type(data).__name__}")
+        if not isinstance(train_mode, bool):
+            raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
+        named = select_parameters(model, params)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.data = data
+        self.train_mode = train_mode
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def restrict(self, params: ParamSpec) -> "Objective":
+        """The same objective over a sub-selection of parameters (e.g. one layer)."""
+        return Objective(self.model, self.loss_fn, self.data, params, train_mode=self.train_mode)
+
+    def batches(self, data: Any = None) -> Iterable[Any]:
+        data = self.data if data is None else data
+        return [data] if is_single_batch(data) else data
+
+    def zeros(self) -> Tensors:
+        return [torch.zeros_like(p) for p in self.params]
+
+    @contextmanager
+    def probe(self) -> Iterator["Probe"]:
+        """Context in which the parameters can be moved to ``w + a`` and the loss, gradient and
+        Hessian-vector products taken; restores the model exactly on exit."""
+        buffers = [b.detach().clone() for b in self.model.buffers()] if self.train_mode else None
+        probe = Probe(self)
+        try:
+            with preserved_modes(self.model, self.train_mode):
+                yield probe
+        finally:
+            probe.set(None)
+            if buffers is not None:
+                with torch.no_grad():
+                    for b, saved in zip(self.model.buffers(), buffers):
+                        b.copy_(saved)
+
+    # One-shot conveniences -------------------------------------------------------------------
+    def loss(self, delta: Optional[Sequence[Tensor]] = None, data: Any = None) -> float:
+        with self.probe() as pr:
+            pr.set(delta)
+            return check_finite(pr.loss(data), "loss")
+
+    def gradient(self, delta: Optional[Sequence[Tensor]] = None, data: Any = None) -> tuple[float, Tensors]:
+        with self.probe() as pr:
+            pr.set(delta)
+            loss, grads = pr.gradient(data)
+            return float(loss), grads
+
+
+class Probe:
+    """Evaluation handle given by ``Objective.probe()`` (see there)."""
+
+    def __init__(self, objective: Objective) -> None:
+        self.objective = objective
+        self.params = objective.params
+        with torch.no_grad():
+            self._saved = [p.detach().clone() for p in self.params]
+
+    @property
+    def clean(self) -> Tensors:
+        """The parameters as found (read-only use)."""
+        return self._saved
+
+    def set(self, delta: Optional[Sequence[Tensor]]) -> None:
+        """Move the selected parameters to ``w + delta`` (``None``: back to w, bit for bit)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._saved)
+            if delta is not None:
+                if len(delta) != len(self.params):
+                    raise ValueError(f"delta has {len(delta)} tensors, the selection has {len(self.params)}")
+                torch._foreach_add_(self.params, list(delta))
+
+    def _losses(self, data: Any) -> Iterator[tuple[Tensor, int]]:
+        obj = self.objective
+        device = obj.device
+        for batch in obj.batches(data):
+            batch = to_device(batch, device)
+            loss = obj.loss_fn(obj.model, batch)
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
+            if loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(loss.shape)}")
+            yield loss.reshape(()), batch_size(batch)
+
+    def loss(self, data: Any = None) -> Tensor:
+        """Example-weighted mean loss at the current parameters (0-dim tensor, float64)."""
+        total, count = None, 0
+        with torch.no_grad():
+            for loss, n in self._losses(data):
+                term = loss.detach().double() * n
+                total = term if total is None else total + term
+                count += n
+        if total is None:
+            raise ValueError("data yielded no batch")
+        return total / count
+
+    def gradient(self, data: Any = None) -> tuple[Tensor, Tensors]:
+        """Loss (0-dim float64) and its gradient w.r.t. the selected parameters."""
+        total, count, acc = None, 0, None
+        for loss, n in self._losses(data):
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+            term = loss.detach().double() * n
+            if acc is None:
+                acc, total = grads, term
+                if n != 1:
+                    torch._foreach_mul_(acc, float(n))
+            else:
+                torch._foreach_add_(acc, grads, alpha=float(n))
+                total = total + term
+            count += n
+        if acc is None:
+            raise ValueError("data yielded no batch")
+        if count != 1:
+            torch._foreach_div_(acc, float(count))
+        loss = total / count
+        # One host sync for both checks: an infinite gradient norm turns the sum into NaN/Inf.
+        check_finite(loss + torch.stack(torch._foreach_norm(acc)).sum().double(), "loss or gradient")
+        return loss, acc
+
+    def hvp(self, vectors: Sequence[Tensor], data: Any = None) -> Tensors:
+        """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""
+        acc, count = None, 0
+        vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params)]
+        for loss, n in self._losses(data):
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]
+            dot = sum((g * v).sum() for g, v in pairs)
+            if not isinstance(dot, Tensor) or not dot.requires_grad:
+                hv = [torch.zeros_like(p) for p in self.params]
+            else:
+                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
+                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)]
+            if acc is None:
+                acc = hv
+                torch._foreach_mul_(acc, float(n))
+            else:
+                torch._foreach_add_(acc, hv, alpha=float(n))
+            count += n
+        if acc is None:
+            raise ValueError("data yielded no batch")
+        torch._foreach_div_(acc, float(count))
+        return acc

@@ -1,0 +1,77 @@
+"""Parameter selection: which tensors of a model a corruption or a defense may touch.
+
+Only trainable floating-point parameters are ever selected; frozen (``requires_grad=False``) and
+integer tensors are never touched, whatever the selector says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+#: What ``params=`` accepts: ``None`` (all trainable float parameters), a name or glob pattern, a
+#: list of names/patterns, a module class or tuple of classes, a predicate ``(name, param) -> bool``
+#: or an iterable of ``nn.Parameter`` objects of the model.
+ParamSpec = Union[
+    None,
+    str,
+    Iterable[str],
+    type,
+    tuple,
+    Callable[[str, torch.Tensor], bool],
+    Iterable[torch.Tensor],
+]
+
+_ACCEPTED = (
+    "None, a name or glob pattern, a list of names/patterns, a module class or tuple of classes, "
+    "a predicate (name, param) -> bool, or an iterable of the model's parameters"
+)
+
+
+def _eligible(p: torch.Tensor) -> bool:
+    return p.requires_grad and p.is_floating_point()
+
+
+def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
+    """Return ``[(name, parameter), ...]`` in the model's order for the selector ``params``.
+
+    Raises ``ValueError`` when the selection is empty and ``TypeError`` for an unknown selector.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = [(n, p) for n, p in model.named_parameters() if _eligible(p)]
+    if params is None:
+        chosen = named
+    elif isinstance(params, str):
+        chosen = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, params)]
+    elif isinstance(params, type) or (
+        isinstance(params, tuple) and params and all(isinstance(t, type) for t in params)
+    ):
+        ids = set()
+        for module in model.modules():
+            if isinstance(module, params):
+                ids.update(id(p) for p in module.parameters(recurse=False))
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        try:
+            items = list(params)
+        except TypeError:
+            raise TypeError(f"params must be {_ACCEPTED}; got {type(params).__name__}") from None
+        if items and all(isinstance(i, str) for i in items):
+            chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in items)]
+        elif all(isinstance(i, torch.Tensor) for i in items):
+            ids = {id(i) for i in items}
+            chosen = [(n, p) for n, p in named if id(p) in ids]
+        else:
+            raise TypeError(f"params must be {_ACCEPTED}; got a list of mixed or unknown items")
+    if not chosen:
+        raise ValueError(
+            f"params selected no trainable floating-point parameter (selector: {params!r}); "
+            f"accepted: {_ACCEPTED}"
+        )
+    return chosen
