@@ -5,6 +5,7 @@ after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 """
 
 from .budget import Budget
+from .checkpoint import load_checkpoint, save_checkpoint
 from .corruption import (
     CorruptionResult,
     GradientCorruption,
@@ -14,6 +15,7 @@ from .corruption import (
     corrupted,
     make_corruption,
 )
+from .defense import APD, SAM, NonFiniteGradientError, OneStepDefense, RandomWeightPerturbation
 from .indicators import (
     LayerVulnerability,
     critical_eps,
@@ -28,6 +30,13 @@ from .selection import select_parameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "APD",
+    "SAM",
+    "NonFiniteGradientError",
+    "OneStepDefense",
+    "RandomWeightPerturbation",
+    "load_checkpoint",
+    "save_checkpoint",
     "Budget",
     "CorruptionResult",
     "GradientCorruption",

@@ -1,0 +1,364 @@
+"""Adversarial parameter defense (SPEC section 5): multi-step risk minimization as a
+``torch.optim`` wrapper, with SAM, one-step corruption-resistant training and random weight
+perturbation as presets of the same core.
+
+For each mini-batch: a_0 = 0, a_{t+1} = project(a_t + alpha * steepest_unit(g_t)), where g_t is
+the gradient at w + a_t; the base optimizer then steps from the clean w with the mean of
+g_0..g_K (``include_clean=True``) or g_1..g_K. Exactly K+1 forward/backward passes.
+
+Bookkeeping uses two parameter-sized buffers: ``w`` (so that the clean parameters come back bit for
+bit) and the gradient sum (flat, so that DDP needs one all-reduce). The corruption itself lives in
+the ``.grad`` tensors between passes: after pass t, ``.grad`` is turned in place into
+``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is recovered up to one rounding of w), the
+parameters are set to ``w + a_{t+1}``, and ``.grad`` is zeroed for the next pass.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .budget import Budget
+
+Tensors = list[Tensor]
+
+
+class _FlatBuffer:
+    """One contiguous buffer per (device, dtype) with views shaped like ``tensors``."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+        self.flats: list[Tensor] = []
+        self.views: Tensors = [None] * len(tensors)  # type: ignore[list-item]
+        for (device, dtype), idx in groups.items():
+            flat = torch.zeros(sum(tensors[i].numel() for i in idx), device=device, dtype=dtype)
+            self.flats.append(flat)
+            offset = 0
+            for i in idx:
+                n = tensors[i].numel()
+                self.views[i] = flat[offset : offset + n].view_as(tensors[i])
+                offset += n
+
+
+@contextmanager
+def _frozen_batchnorm_statistics() -> Iterator[None]:
+    """Within the block, every ``_BatchNorm`` that runs in train mode gets its running statistics
+    (and ``num_batches_tracked``) restored bit for bit afterwards: corrupted passes must not move
+    them. A global forward pre-hook finds the modules, so no model handle is needed."""
+    saved: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+
+    def hook(module: nn.Module, args: Any) -> None:
+        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
+            if id(module) not in saved:
+                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+                saved[id(module)] = (module, [b.detach().clone() for b in bufs])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            for module, copies in saved.values():
+                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+                for b, c in zip(bufs, copies):
+                    b.copy_(c)
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """A pass of the defense produced a NaN/Inf loss or gradient."""
+
+
+def _check_positive_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+class APD(torch.optim.Optimizer):
+    """Adversarial parameter defense: multi-step risk minimization around any torch optimizer.
+
+    Args:
+        params: parameters or parameter groups, as for any optimizer.
+        base_optimizer: a ``torch.optim.Optimizer`` subclass (e.g. ``torch.optim.SGD``); it is
+            built on the same ``param_groups``, so LR schedulers, ``zero_grad`` and
+            ``state_dict`` work on this wrapper.
+        budget: the corruption budget (default ``Budget("l2", 0.05)``); any norm, sparsity or
+            scale.
+        steps: K, the number of corruptions in the trajectory (K+1 passes per step).
+        step_size: alpha, in the budget's units; default ``1.5 * eps / K``.
+        include_clean: average over t = 0..K (clean loss included) or over t = 1..K.
+        corruption: ``"adversarial"`` (the trajectory above) or ``"random"`` (each a_t a fresh
+            random sample on the budget's boundary; random weight perturbation).
+        corrupt: which parameters are corrupted: ``None`` for all the optimizer holds, or an
+            iterable of parameters (the others still receive the averaged gradient).
+        distributed: for DistributedDataParallel ``model``: ``"local"`` (default) runs every pass
+            under ``model.no_sync()`` so each worker corrupts with its local gradient, then
+            all-reduces the averaged gradient once per step (communication equals plain SGD);
+            ``"sync"`` lets DDP average every pass, which equals single-process APD on the union
+            of the workers' batches.
+        model: the DDP-wrapped model (only needed for ``distributed="local"`` under DDP).
+        seed: seed of the random corruptions (``corruption="random"``).
+        **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type,
+        budget: Optional[Budget] = None,
+        steps: int = 3,
+        step_size: Optional[float] = None,
+        include_clean: bool = True,
+        corruption: str = "adversarial",
+        corrupt: Optional[Iterable[Tensor]] = None,
+        distributed: str = "local",
+        model: Optional[nn.Module] = None,
+        seed: int = 0,
+        **base_kwargs: Any,
+    ) -> None:
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer subclass such as torch.optim.SGD, got {base_optimizer!r}"
+            )
+        budget = Budget("l2", 0.05) if budget is None else budget
+        if not isinstance(budget, Budget):
+            raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")
+        steps = _check_positive_count("steps", steps)
+        if step_size is None:
+            step_size = 1.5 * budget.eps / steps
+        elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
+            math.isfinite(step_size) and step_size > 0
+        ):
+            raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
+        if corruption not in ("adversarial", "random"):
+            raise ValueError(f"corruption must be 'adversarial' or 'random', got {corruption!r}")
+        if distributed not in ("local", "sync"):
+            raise ValueError(f"distributed must be 'local' or 'sync', got {distributed!r}")
+        params = list(params)
+        if not params:
+            raise ValueError("params is empty: APD needs at least one parameter to optimize")
+        super().__init__(params, {})
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.budget = budget
+        self.steps = steps
+        self.step_size = float(step_size)
+        self.include_clean = bool(include_clean)
+        self.corruption = corruption
+        self.distributed = distributed
+        self.model = model
+        self._corrupt_ids = None if corrupt is None else {id(p) for p in corrupt}
+        self._generator = torch.Generator().manual_seed(seed)
+        self._buffers: Optional[tuple[tuple[int, ...], _FlatBuffer, _FlatBuffer]] = None
+        self._ready = False  # a trajectory has left averaged gradients for the base step
+
+    # ------------------------------------------------------------------ the core
+    def _parameters(self) -> Tensors:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _ddp_local(self) -> bool:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        return self.distributed == "local" and isinstance(self.model, ddp)
+
+    def _allocate(self, active: Tensors, corrupted: Tensors) -> tuple[_FlatBuffer, _FlatBuffer]:
+        key = tuple(id(p) for p in active) + (-1,) + tuple(id(p) for p in corrupted)
+        if self._buffers is None or self._buffers[0] != key:
+            self._buffers = (key, _FlatBuffer(corrupted), _FlatBuffer(active))
+        return self._buffers[1], self._buffers[2]
+
+    @torch.no_grad()
+    def _next_corruption(self, t: int, grads: Tensors, params: Tensors, clean: Tensors) -> None:
+        """Turn ``grads`` (g_t of the corrupted parameters) into a_{t+1} in place and move the
+        parameters to w + a_{t+1}."""
+        if self.corruption == "random":
+            sample = self.budget.sample(clean, self._generator)
+            torch._foreach_copy_(grads, sample)
+        else:
+            self.budget.steepest_(grads, clean, radius=self.step_size)
+            if t > 0:  # a_t = (w + a_t) - w; a_0 = 0 needs no recovery
+                torch._foreach_add_(grads, params)
+                torch._foreach_sub_(grads, clean)
+            self.budget.project_(grads, clean)
+        torch._foreach_copy_(params, clean)
+        torch._foreach_add_(params, grads)
+
+    def trajectory(self, scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator[int]:
+        """Two-phase API for loops that cannot pass a closure: iterate, and do one forward and
+        backward per yielded pass index (t = 0 clean, then the corruptions 1..K)::
+
+            for _ in optimizer.trajectory():
+                loss = loss_fn(model(x), y)
+                loss.backward()
+            optimizer.step()   # base step from the clean w with the averaged gradient
+
+        Between passes the parameters are moved and ``.grad`` is zeroed, so the body need not call
+        ``zero_grad``. On exit (also on an exception or ``break``) the parameters are back at the
+        clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
+        wanted. A NaN/Inf gradient in any pass raises ``NonFiniteGradientError`` naming the pass,
+        unless a ``GradScaler`` is given, in which case the gradient is left non-finite so that
+        ``scaler.step(optimizer)`` skips the step (fp16 recipe, see README).
+        """
+        active = self._parameters()
+        if not active:
+            raise ValueError("no parameter of this optimizer requires grad")
+        self._ready = False
+        self.zero_grad(set_to_none=False)
+        no_sync = self.model.no_sync if self._ddp_local() else nullcontext
+        losses: list[Tensor] = []
+        clean_params: Optional[Tensors] = None
+        restored = False
+        corrupted: Tensors = []
+        try:
+            for t in range(self.steps + 1):
+                with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
+                    yield t
+                with torch.no_grad():
+                    if t == 0:
+                        active = [p for p in active if p.grad is not None]
+                        if not active:
+                            raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
+                        corrupted = [p for p in active if self._corrupt_ids is None or id(p) in self._corrupt_ids]
+                        w_buf, g_buf = self._allocate(active, corrupted)
+                        clean_params = w_buf.views
+                        torch._foreach_copy_(clean_params, corrupted)
+                        flags = torch.zeros(self.steps + 1, dtype=torch.float64, device=active[0].device)
+                    for p in active:  # a parameter unused in this pass has a zero gradient
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    grads = [p.grad for p in active]
+                    norms = torch._foreach_norm(grads)
+                    flags[t] = torch.stack(norms).to(flags).sum() if len(norms) > 1 else norms[0].to(flags)
+                    if t > 0 or self.include_clean:
+                        if t == 0 or (t == 1 and not self.include_clean):
+                            torch._foreach_copy_(g_buf.views, grads)
+                        else:
+                            torch._foreach_add_(g_buf.views, grads)
+                    if t < self.steps:
+                        cgrads = [p.grad for p in corrupted]
+                        self._next_corruption(t, cgrads, corrupted, clean_params)
+                        torch._foreach_zero_(grads)
+            with torch.no_grad():
+                torch._foreach_copy_(corrupted, clean_params)
+                restored = True
+                count = self.steps + (1 if self.include_clean else 0)
+                if self._ddp_local():
+                    import torch.distributed as dist
+
+                    world = dist.get_world_size(self.model.process_group)
+                    for flat in g_buf.flats:
+                        dist.all_reduce(flat, group=self.model.process_group)
+                    count *= world
+                for p, g in zip(active, g_buf.views):
+                    if p.grad is None:
+                        p.grad = torch.empty_like(p)
+                    p.grad.copy_(g)
+                torch._foreach_mul_([p.grad for p in active], 1.0 / count)
+                if scaler is None:
+                    bad = torch.nonzero(~torch.isfinite(flags))
+                    if bad.numel():  # the step's single host sync
+                        t_bad = int(bad[0])
+                        which = "the clean pass (t = 0)" if t_bad == 0 else f"corruption pass t = {t_bad}"
+                        raise NonFiniteGradientError(
+                            f"non-finite loss or gradient in {which}; the parameters were restored to the clean w "
+                            f"and no step was taken (lower the learning rate or eps, or check the data)"
+                        )
+            self._ready = True
+        finally:
+            if not restored and clean_params is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(corrupted, clean_params)
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
+        the closure exactly K+1 times, then take the base step; returns the clean loss. Without a
+        closure: take the base step after a completed ``trajectory()``."""
+        if closure is None:
+            if not self._ready:
+                raise RuntimeError("step() without a closure needs a completed trajectory() first")
+            self._ready = False
+            return self.base_optimizer.step()
+        clean_loss = None
+        for t in self.trajectory():
+            with torch.enable_grad():
+                loss = closure()
+            if t == 0:
+                clean_loss = loss
+        self._ready = False
+        self.base_optimizer.step()
+        return clean_loss
+
+    # ------------------------------------------------------------------ torch.optim citizenship
+    def state_dict(self) -> dict:
+        sd = self.base_optimizer.state_dict()
+        sd["parashield"] = {"generator": self._generator.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("parashield", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        if extra is not None:
+            self._generator.set_state(extra["generator"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "base_optimizer"):
+            self.base_optimizer.add_param_group(param_group)
+        else:  # called by Optimizer.__init__ before the base optimizer exists
+            super().add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(budget={self.budget}, steps={self.steps}, step_size={self.step_size:g}, "
+            f"include_clean={self.include_clean}, corruption={self.corruption!r}, base={self.base_optimizer!r})"
+        )
+
+
+def _check_rho(rho: object) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+class SAM(APD):
+    """Sharpness-aware minimization as an APD preset: K = 1, clean loss excluded, L2 ascent of
+    radius rho (``e = rho g / ||g||``; adaptive: ``e = rho T^2 g / ||T g||`` with
+    ``T = |w| + eta``, the ASAM paper's choice; ``eta=0`` gives the popular port's form)."""
+
+    def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
+                 eta: float = 0.01, **kwargs: Any) -> None:
+        rho = _check_rho(rho)
+        budget = Budget("l2", rho, scale="element" if adaptive else None, eta=eta)
+        super().__init__(params, base_optimizer, budget=budget, steps=1, step_size=rho or 1.0,
+                         include_clean=False, **kwargs)
+
+
+class OneStepDefense(APD):
+    """One-step corruption-resistant training (Sun et al., AAAI 2021): APD with K = 1, averaging
+    the clean gradient and the gradient at the one-step corruption."""
+
+    def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("step_size", None)
+        super().__init__(params, base_optimizer, budget=budget, steps=1, include_clean=True, **kwargs)
+
+
+class RandomWeightPerturbation(APD):
+    """Random weight perturbation training: gradients at random boundary points of the budget
+    (``steps`` samples, clean loss excluded by default)."""
+
+    def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, steps: int = 1,
+                 include_clean: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, base_optimizer, budget=budget, steps=steps, include_clean=include_clean,
+                         corruption="random", **kwargs)
