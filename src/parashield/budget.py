@@ -107,6 +107,9 @@ def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]
     m = valid.nonzero().max() if valid.any() else torch.tensor(0, device=x.device)
     lam = lam_m[m].clamp_min(0)
     out = torch.sign(x) * (ax - lam * c).clamp_min(0)
+    # |x_i| - lam c_i cancels when r << |x|; a final rescale guarantees feasibility.
+    used = (c * out.abs()).sum()
+    out = out * torch.clamp(_safe_ratio(r, used), max=1.0)
     return torch.where(total <= r, x, out)
 
 
@@ -214,11 +217,13 @@ class Budget:
                 torch._foreach_mul_(grads, [_safe_ratio(rl, n) for rl, n in zip(radii, norms)])
             else:
                 for g, rl in zip(grads, radii):
+                    # Work on a flat copy and write back: ``reshape`` of a non-contiguous
+                    # gradient is a copy, so editing it in place would be lost.
                     flat = g.reshape(-1)
                     i = flat.abs().argmax()
-                    val = flat[i].sign() * rl
-                    flat.zero_()
-                    flat[i] = val
+                    out = torch.zeros_like(flat)
+                    out[i] = flat[i].sign() * rl
+                    g.copy_(out.view(g.shape))
         elif self.norm == "linf":
             torch._foreach_sign_(grads)
             torch._foreach_mul_(grads, r)
@@ -276,6 +281,11 @@ class Budget:
             return deltas
         flat = _flat(deltas)
         sflat = _flat(s) if s is not None else None
+        if sflat is not None and self.eta == 0:
+            # |w| + 0 = 0: that coordinate may not move; a unit weight keeps the solvers finite.
+            frozen = sflat == 0
+            flat = torch.where(frozen, 0.0, flat)
+            sflat = torch.where(frozen, 1.0, sflat)
         if self.sparsity is not None:
             if self.norm == "linf":
                 bound = r if sflat is None else r * sflat

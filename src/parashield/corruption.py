@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import Budget
-from .objective import Objective, Probe, check_finite
+from .objective import Objective, Probe, check_finite, overflow_to_inf
 
 Tensors = list[Tensor]
 
@@ -109,10 +109,16 @@ class RandomCorruption:
         self.seed = seed
 
     def samples(self, objective: Objective) -> Iterator[Tensors]:
-        """The trial corruptions, in order (the same ones every call)."""
+        """The trial corruptions, in order (the same ones every call).
+
+        Scaled budgets size them from the parameters as they are at the first draw: the caller
+        may move the parameters to ``w + a`` between draws (``__call__`` does), and the next trial
+        must still be relative to ``w``.
+        """
+        params = [p.detach().clone() for p in objective.params]
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(self.trials):
-            yield self.budget.sample(objective.params, gen)
+            yield self.budget.sample(params, gen)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
         with objective.probe() as pr:
@@ -120,7 +126,7 @@ class RandomCorruption:
             losses, worst, worst_loss = [], None, -math.inf
             for delta in self.samples(objective):
                 pr.set(delta)
-                loss = check_finite(pr.loss(), "loss at w + a (random trial)")
+                loss = overflow_to_inf(pr.loss())
                 losses.append(loss)
                 if loss > worst_loss:
                     worst, worst_loss = delta, loss
@@ -141,7 +147,7 @@ class GradientCorruption:
             loss, grads = pr.gradient()
             delta = self.budget.steepest_(grads, pr.clean)
             pr.set(delta)
-            after = check_finite(pr.loss(), "loss at w + a (one-step)")
+            after = overflow_to_inf(pr.loss())
         before = float(loss)
         return CorruptionResult(
             _as_dict(objective, delta), before, after, self.budget, "one_step", [before, after], passes=2
@@ -231,16 +237,18 @@ class MultiStepCorruption:
                 delta = self._start(pr, restart, gen)
                 for t in range(self.steps):
                     pr.set(delta)
-                    loss, grads = pr.gradient(next(data))
+                    loss, grads = pr.gradient(next(data), check=False)
                     passes += 1
                     history.append(float(loss))
                     if exact and self.keep_best and history[-1] > best_loss:
                         best, best_loss = [a.clone() for a in delta], history[-1]
+                    if history[-1] == math.inf:  # the loss overflowed: no ascent direction left
+                        break
                     step = self.budget.steepest_(grads, pr.clean, radius=self.step_size)
                     torch._foreach_add_(delta, step)
                     self.budget.project_(delta, pr.clean)
                 pr.set(delta)
-                final = check_finite(pr.loss(), f"loss at w + a_{self.steps} (multi-step)")
+                final = overflow_to_inf(pr.loss())
                 passes += 1
                 history.append(final)
                 if final > best_loss:  # without keep_best, only final iterates compete

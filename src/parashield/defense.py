@@ -144,6 +144,10 @@ class APD(torch.optim.Optimizer):
             raise ValueError(f"corruption must be 'adversarial' or 'random', got {corruption!r}")
         if distributed not in ("local", "sync"):
             raise ValueError(f"distributed must be 'local' or 'sync', got {distributed!r}")
+        if not isinstance(include_clean, bool):
+            raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         params = list(params)
         if not params:
             raise ValueError("params is empty: APD needs at least one parameter to optimize")
@@ -151,6 +155,8 @@ class APD(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        # schedulers such as OneCycleLR / CyclicLR look for 'momentum' / 'betas' in defaults
+        self.defaults = self.base_optimizer.defaults
         self.budget = budget
         self.steps = steps
         self.step_size = float(step_size)
@@ -340,6 +346,8 @@ class SAM(APD):
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.01, **kwargs: Any) -> None:
         rho = _check_rho(rho)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         budget = Budget("l2", rho, scale="element" if adaptive else None, eta=eta)
         super().__init__(params, base_optimizer, budget=budget, steps=1, step_size=rho or 1.0,
                          include_clean=False, **kwargs)

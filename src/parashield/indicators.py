@@ -25,7 +25,7 @@ from .corruption import (
     corrupted,
     make_corruption,
 )
-from .objective import Objective, Probe, preserved_modes
+from .objective import Objective, Probe, check_finite, preserved_modes
 
 METHODS = ("first_order", "second_order", "random", "one_step", "multi_step")
 
@@ -83,9 +83,14 @@ class _FlatHessian:
         return hv if self.scale is None else hv * self.scale
 
 
-def _lanczos(op: Callable[[Tensor], Tensor], start: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+def _lanczos(
+    op: Callable[[Tensor], Tensor], start: Tensor, iters: int, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
     """Lanczos with full reorthogonalisation. Returns the tridiagonal T (m x m) and the basis Q
-    (m x k); stops early on an invariant subspace, where the result is exact."""
+    (m x k). On an invariant subspace it stops early (exact for the start's components) or, when
+    a ``generator`` is given, goes on from a random vector orthogonal to the basis with a zero
+    coupling (T block diagonal), so that ``iters >= k`` always spans the whole space: the
+    trust-region "hard case" needs eigenvectors the start is orthogonal to."""
     k = start.numel()
     m_max = min(iters, k)
     q = start / torch.linalg.vector_norm(start)
@@ -98,8 +103,20 @@ def _lanczos(op: Callable[[Tensor], Tensor], start: Tensor, iters: int) -> tuple
         w = w - Q.T @ (Q @ w)
         w = w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
         beta = torch.linalg.vector_norm(w)
-        if j == m_max - 1 or beta <= 1e-10 * max(1.0, abs(float(alpha))):
+        if j == m_max - 1:
             break
+        if beta <= 1e-10 * max(1.0, abs(float(alpha))):
+            if generator is None:
+                break
+            w = torch.randn(k, generator=generator, dtype=torch.float64).to(device=start.device, dtype=start.dtype)
+            w = w - Q.T @ (Q @ w)
+            w = w - Q.T @ (Q @ w)
+            nw = torch.linalg.vector_norm(w)
+            if float(nw) <= 1e-8:
+                break
+            betas.append(torch.zeros_like(beta))
+            basis.append(w / nw)
+            continue
         betas.append(beta)
         basis.append(w / beta)
     m = len(alphas)
@@ -157,8 +174,9 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
 
     For dense L2 budgets (plain or element-scaled) this is the trust-region subproblem, solved
     exactly in a Krylov space of up to ``iters`` Lanczos vectors (exact once the space is
-    invariant, e.g. when ``iters >= k``). Other budgets use projected gradient ascent on the
-    model with step ``1 / |lambda_max|`` from the one-step corruption, ``iters`` steps.
+    invariant, e.g. when ``iters >= k``, hard case included). Other budgets use projected
+    gradient ascent on the model with step ``1 / |lambda_max|``, ``iters`` steps from each of two
+    starts (the one-step corruption and a random boundary point, seeded), keeping the best.
     """
     _check_count("iters", iters)
     with objective.probe() as pr:
@@ -169,24 +187,37 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
             op = _FlatHessian(pr, s)
             b = g if s is None else g * s
             nb = float(torch.linalg.vector_norm(b))
-            start = b if nb > 0 else torch.randn(b.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            T, Q = _lanczos(op, start.to(b.device), iters)
+            gen = torch.Generator().manual_seed(seed)
+            start = b if nb > 0 else torch.randn(b.numel(), generator=gen, dtype=torch.float64)
+            T, Q = _lanczos(op, start.to(b.device), iters, generator=gen)
             y, value = _trust_region_max(T.cpu(), (Q @ b).cpu(), budget.eps)
             return value
         op = _FlatHessian(pr)
-        lam = abs(_power_iteration(op, g.numel(), 20, 1e-4, seed, g.device))
+        # Step 1 / ||H||: 20 Lanczos vectors give a spectral-radius estimate; a 20-step power
+        # iteration's Rayleigh quotient does not converge when +-lambda have similar size, and an
+        # underestimate below ||H|| / 2 makes the ascent diverge on concave directions.
+        start = torch.randn(g.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        T, _ = _lanczos(op, start.to(g.device), 20)
+        lam = float(torch.linalg.eigvalsh(T.cpu()).abs().max())
         step = 1.0 / lam if lam > 0 else 1.0
-        parts = budget.steepest(grads, pr.clean)
-        a = _flat(parts).double()
-        best = -math.inf
-        for _ in range(iters):
-            ha = op(a)
-            best = max(best, float(g @ a + 0.5 * (a @ ha)))
-            _unflat_(parts, (a + step * (g + ha)).to(parts[0].dtype))
-            budget.project_(parts, pr.clean)
+
+        def ascend(parts: list[Tensor]) -> float:
             a = _flat(parts).double()
-        ha = op(a)
-        return max(best, float(g @ a + 0.5 * (a @ ha)))
+            best = -math.inf
+            for _ in range(iters):
+                ha = op(a)
+                best = max(best, float(g @ a + 0.5 * (a @ ha)))
+                _unflat_(parts, (a + step * (g + ha)).to(parts[0].dtype))
+                budget.project_(parts, pr.clean)
+                a = _flat(parts).double()
+            ha = op(a)
+            return max(best, float(g @ a + 0.5 * (a @ ha)))
+
+        # Two starts: the one-step corruption, and a random boundary point. The first alone
+        # stalls at the stationary point a = 0 of directions where g vanishes (e.g. g = 0 with
+        # positive curvature, where the true maximum is on the boundary).
+        gen = torch.Generator().manual_seed(seed)
+        return max(ascend(budget.steepest(grads, pr.clean)), ascend(budget.sample(pr.clean, gen)))
 
 
 def _power_iteration(op, k: int, iters: int, tol: float, seed: int, device) -> float:
@@ -219,6 +250,7 @@ def hessian_top_eigenvalue(
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     with objective.probe() as pr:
+        check_finite(pr.loss(), "loss")
         op = _FlatHessian(pr)
         k = objective.numel
         if method == "power":
@@ -235,6 +267,7 @@ def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> fl
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     with objective.probe() as pr:
+        check_finite(pr.loss(), "loss")
         op = _FlatHessian(pr)
         for _ in range(samples):
             v = (torch.randint(0, 2, (objective.numel,), generator=gen).double() * 2 - 1).to(objective.device)
@@ -277,8 +310,7 @@ def layer_vulnerability(
                 rows.append(LayerVulnerability(key, sum(objective.params[i].numel() for i in idx), float(value)))
     else:
         for key, idx in groups.items():
-            names = [objective.names[i] for i in idx]
-            sub = objective.restrict(names)
+            sub = objective.restrict([objective.params[i] for i in idx])  # tensors: names may hold glob characters
             rows.append(LayerVulnerability(key, sub.numel, loss_change(sub, budget, method, **kwargs)))
     return sorted(rows, key=lambda r: r.value, reverse=True)
 

@@ -34,7 +34,7 @@ def is_single_batch(data: Any) -> bool:
     if isinstance(data, (Tensor, tuple, Mapping)):
         return True
     if isinstance(data, list):
-        return all(isinstance(x, Tensor) for x in data)
+        return bool(data) and all(isinstance(x, Tensor) for x in data)  # [] holds no batch
     return False
 
 
@@ -72,6 +72,13 @@ def preserved_modes(model: nn.Module, train: Optional[bool]) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def overflow_to_inf(value: Tensor) -> float:
+    """``float(value)``, with NaN mapped to +inf: the loss of a model that a corruption made
+    overflow is infinitely large, which keeps comparisons between corruptions meaningful."""
+    out = float(value)
+    return math.inf if math.isnan(out) else out
 
 
 def check_finite(value: Tensor, what: str) -> float:
@@ -220,8 +227,10 @@ class Probe:
             raise ValueError("data yielded no batch")
         return total / count
 
-    def gradient(self, data: Any = None) -> tuple[Tensor, Tensors]:
-        """Loss (0-dim float64) and its gradient w.r.t. the selected parameters."""
+    def gradient(self, data: Any = None, check: bool = True) -> tuple[Tensor, Tensors]:
+        """Loss (0-dim float64) and its gradient w.r.t. the selected parameters; with ``check``
+        a NaN/Inf loss or gradient raises NonFiniteLossError, without it the loss is returned
+        as +inf when either is not finite (a corrupted model whose loss overflowed)."""
         total, count, acc = None, 0, None
         for loss, n in self._losses(data):
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
@@ -241,7 +250,11 @@ class Probe:
             torch._foreach_div_(acc, float(count))
         loss = total / count
         # One host sync for both checks: an infinite gradient norm turns the sum into NaN/Inf.
-        check_finite(loss + torch.stack(torch._foreach_norm(acc)).sum().double(), "loss or gradient")
+        probe_value = loss + torch.stack(torch._foreach_norm(acc)).sum().double()
+        if check:
+            check_finite(probe_value, "loss or gradient")
+        elif not math.isfinite(float(probe_value)):
+            loss = torch.full_like(loss, math.inf)
         return loss, acc
 
     def hvp(self, vectors: Sequence[Tensor], data: Any = None) -> Tensors:

@@ -13,26 +13,35 @@ import torch
 from torch import nn
 
 #: What ``params=`` accepts: ``None`` (all trainable float parameters), a name or glob pattern, a
-#: list of names/patterns, a module class or tuple of classes, a predicate ``(name, param) -> bool``
-#: or an iterable of ``nn.Parameter`` objects of the model.
+#: list of names/patterns, a module class or tuple of classes, a submodule of the model, a
+#: predicate ``(name, param) -> bool`` or an iterable of ``nn.Parameter`` objects of the model.
 ParamSpec = Union[
     None,
     str,
     Iterable[str],
     type,
     tuple,
+    nn.Module,
     Callable[[str, torch.Tensor], bool],
     Iterable[torch.Tensor],
 ]
 
 _ACCEPTED = (
     "None, a name or glob pattern, a list of names/patterns, a module class or tuple of classes, "
-    "a predicate (name, param) -> bool, or an iterable of the model's parameters"
+    "a submodule, a predicate (name, param) -> bool, or an iterable of the model's parameters"
 )
 
 
 def _eligible(p: torch.Tensor) -> bool:
     return p.requires_grad and p.is_floating_point()
+
+
+def _matching(names: list[str], pattern: str) -> set[str]:
+    """The names a pattern selects: the name itself when it is one (names may contain ``[``,
+    ``*`` or ``?``, e.g. ``ModuleDict`` keys), else the names matching it as a glob pattern."""
+    if pattern in names:
+        return {pattern}
+    return {n for n in names if fnmatch.fnmatchcase(n, pattern)}
 
 
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[str, nn.Parameter]]:
@@ -46,7 +55,13 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
     if params is None:
         chosen = named
     elif isinstance(params, str):
-        chosen = [(n, p) for n, p in named if fnmatch.fnmatchcase(n, params)]
+        keep = _matching([n for n, _ in model.named_parameters()], params)
+        chosen = [(n, p) for n, p in named if n in keep]
+    elif isinstance(params, nn.Module):
+        # A module instance (e.g. ``model.fc``): its parameters, submodules included. Checked
+        # before the predicate case because modules are callable too.
+        ids = {id(p) for p in params.parameters()}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
     elif isinstance(params, type) or (
         isinstance(params, tuple) and params and all(isinstance(t, type) for t in params)
     ):
@@ -63,7 +78,9 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
         except TypeError:
             raise TypeError(f"params must be {_ACCEPTED}; got {type(params).__name__}") from None
         if items and all(isinstance(i, str) for i in items):
-            chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in items)]
+            all_names = [n for n, _ in model.named_parameters()]
+            keep = set().union(*(_matching(all_names, pat) for pat in items))
+            chosen = [(n, p) for n, p in named if n in keep]
         elif all(isinstance(i, torch.Tensor) for i in items):
             ids = {id(i) for i in items}
             chosen = [(n, p) for n, p in named if id(p) in ids]

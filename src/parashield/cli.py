@@ -1,0 +1,160 @@
+"""Command line: ``parashield reproduce | attack | indicators``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _task_names() -> list[str]:
+    from .reproduce import TASKS
+
+    return sorted(TASKS)
+
+
+def _load_task(name: str, quick: bool = False):
+    from .reproduce import TASKS
+
+    if name not in TASKS:
+        raise SystemExit(f"parashield: error: unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
+    try:
+        return TASKS[name](quick=quick)
+    except FileNotFoundError as exc:  # MissingDataError names the install command
+        raise SystemExit(f"parashield: error: data for task {name!r} is missing: {exc}") from None
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import METHODS, QUICK_METHODS, run, write_report
+
+    names = _task_names() if args.task == "all" else [args.task]
+    if args.quick:
+        names = ["digits"]
+    methods = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else tuple(METHODS))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"parashield: error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(args.out)
+    results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
+    for name in names:
+        task = _load_task(name, quick=args.quick)
+        t0 = time.perf_counter()
+        results["tasks"][name] = run(task, methods, args.seeds, out)
+        results["wall_seconds"][name] = time.perf_counter() - t0
+        print(f"{name}: {results['wall_seconds'][name]:.0f} s")
+    report = write_report(results, out)
+    print(report.read_text())
+    print(f"wrote {report}, {out / 'results.json'} and plots")
+    return 0
+
+
+def _objective_from_checkpoint(args: argparse.Namespace):
+    import torch
+
+    from . import Objective, load_checkpoint
+
+    task = _load_task(args.task)
+    model = task.build_model()
+    load_checkpoint(args.checkpoint, model, restore_rng=False)
+    model.eval()
+    return task, model, Objective(model, task.loss_fn, task.attack_data)
+
+
+def _budget(args: argparse.Namespace, eps: float):
+    from . import Budget
+
+    return Budget(args.norm, eps, sparsity=args.sparsity, scale=None if args.scale == "none" else args.scale)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from . import Objective, corrupted, make_corruption
+
+    task, model, attack = _objective_from_checkpoint(args)
+    test = Objective(model, task.loss_fn, task.test_data)
+    rows = [{"eps": 0.0, "loss": test.loss(), task.metric_name: task.metric(model, task.test_data)}]
+    for eps in args.eps:
+        kw = {"steps": args.steps} if args.corruption == "multi_step" else {"trials": args.trials} if args.corruption == "random" else {}
+        res = make_corruption(args.corruption, _budget(args, eps), **kw)(attack)
+        with corrupted(model, res):
+            rows.append({"eps": eps, "loss": test.loss(), task.metric_name: task.metric(model, task.test_data),
+                         "train_loss_change": res.loss_change})
+    print(f"{'eps':>8} {'test loss':>10} {task.metric_name:>10}")
+    for r in rows:
+        print(f"{r['eps']:>8g} {r['loss']:>10.4f} {r[task.metric_name]:>10.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def cmd_indicators(args: argparse.Namespace) -> int:
+    from . import hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
+
+    task, model, attack = _objective_from_checkpoint(args)
+    out: dict = {"indicators": []}
+    for eps in args.eps:
+        b = _budget(args, eps)
+        row = {"eps": eps}
+        for method in args.methods.split(","):
+            row[method] = loss_change(attack, b, method)
+        out["indicators"].append(row)
+        print(" ".join(f"{k}={v:.5g}" for k, v in row.items()))
+    out["layers"] = [vars(r) for r in layer_vulnerability(attack, _budget(args, args.eps[0]))]
+    for r in out["layers"][:10]:
+        print(f"  {r['name']:<40} {r['numel']:>9} {r['value']:.5g}")
+    if args.curvature:
+        out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(attack)
+        out["hessian_trace"] = hessian_trace(attack)
+        print(f"top Hessian eigenvalue {out['hessian_top_eigenvalue']:.5g}, trace {out['hessian_trace']:.5g}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="parashield", description="Parameter corruption, loss change indicators and adversarial parameter defense.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("reproduce", help="train plain/one-step/SAM/APD models and evaluate them under corruption")
+    r.add_argument("--task", default="all", help="task name or 'all' (digits, fashion, ptb, translation, bbc)")
+    r.add_argument("--quick", action="store_true", help="digits only, fewer epochs: a few minutes on 2 CPU cores")
+    r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5")
+    r.add_argument("--out", default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
+    r.set_defaults(func=cmd_reproduce)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--task", required=True, help="the task whose model, loss and data the checkpoint belongs to")
+        q.add_argument("--checkpoint", required=True, help="a train.pt written by 'parashield reproduce'")
+        q.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="corruption radii")
+        q.add_argument("--norm", default="l2", choices=["l1", "l2", "linf"], help="budget norm")
+        q.add_argument("--scale", default="layer", choices=["none", "layer", "element"], help="budget scale")
+        q.add_argument("--sparsity", type=int, default=None, help="at most this many parameters change")
+        q.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+
+    a = sub.add_parser("attack", help="corrupt a saved model's parameters and report the test metric")
+    common(a)
+    a.add_argument("--corruption", default="multi_step", choices=["random", "one_step", "multi_step"])
+    a.add_argument("--steps", type=int, default=10, help="multi-step corruption steps")
+    a.add_argument("--trials", type=int, default=10, help="random corruption trials")
+    a.set_defaults(func=cmd_attack)
+
+    i = sub.add_parser("indicators", help="loss change indicators and per-layer vulnerability of a saved model")
+    common(i)
+    i.add_argument("--methods", default="first_order,second_order,random,one_step,multi_step")
+    i.add_argument("--curvature", action="store_true", help="also the top Hessian eigenvalue and trace")
+    i.set_defaults(func=cmd_indicators)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "seeds", 1) < 1:
+        raise SystemExit("parashield: error: --seeds must be >= 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
