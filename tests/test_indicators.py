@@ -481,7 +481,7 @@ def test_critical_eps_linear(linear_objective):
     assert drop_at(0.9 * found) < drop
     assert found == pytest.approx(eps_star, rel=1e-4)
     # a starting eps above the answer works too
-    found = ps.critical_eps(obj, budget, metric, drop, corruption="one_step", eps_max=50 * eps_star, iters=30)
+    found = ps.critical_eps(obj, budget, metric, drop, corruption="one_step", eps_start=50 * eps_star, iters=30)
     assert found == pytest.approx(eps_star, rel=1e-6)
     # random corruption averaged over trials: E <g, a> = 0 -> larger (or infinite) eps than one-step
     found_random = ps.critical_eps(obj, budget, metric, drop, corruption="random", trials=5, seed=0)

@@ -4,7 +4,9 @@ and ``corrupted``, the context manager that applies one and restores the model b
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -99,14 +101,25 @@ def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]
 
 
 class RandomCorruption:
-    """``trials`` random corruptions on the boundary of the budget (seeded)."""
+    """``trials`` random corruptions on the boundary of the budget (seeded).
 
-    def __init__(self, budget: Budget, trials: int = 10, seed: int = 0) -> None:
+    ``vectorize`` evaluates ``chunk_size`` trials at once with ``vmap`` over the stacked
+    parameter sets (``Probe.losses``): ``True`` always, ``False`` never (apply, evaluate, restore
+    per trial), ``"auto"`` (default) in eval mode, falling back to the loop with a warning where
+    the model cannot be vmapped. Both paths draw the same corruptions.
+    """
+
+    def __init__(self, budget: Budget, trials: int = 10, seed: int = 0, vectorize: Union[bool, str] = "auto",
+                 chunk_size: int = 32) -> None:
         self.budget = _check_budget(budget)
         self.trials = _check_count("trials", trials)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if vectorize not in (True, False, "auto"):
+            raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         self.seed = seed
+        self.vectorize = vectorize
+        self.chunk_size = _check_count("chunk_size", chunk_size)
 
     def samples(self, objective: Objective) -> Iterator[Tensors]:
         """The trial corruptions, in order (the same ones every call).
@@ -121,15 +134,32 @@ class RandomCorruption:
             yield self.budget.sample(params, gen)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
+        batched = self.vectorize is True or (self.vectorize == "auto" and not objective.train_mode)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             losses, worst, worst_loss = [], None, -math.inf
-            for delta in self.samples(objective):
-                pr.set(delta)
-                loss = overflow_to_inf(pr.loss())
-                losses.append(loss)
-                if loss > worst_loss:
-                    worst, worst_loss = delta, loss
+            samples = self.samples(objective)
+            while chunk := list(itertools.islice(samples, self.chunk_size)):
+                values = None
+                if batched:
+                    try:
+                        values = pr.losses(chunk).tolist()
+                    except (RuntimeError, NotImplementedError) as exc:
+                        if self.vectorize is True:
+                            raise
+                        warnings.warn(f"random trials fall back to one evaluation per trial: vmap failed ({exc})")
+                        batched = False
+                if values is None:
+                    values = []
+                    for delta in chunk:
+                        pr.set(delta)
+                        values.append(pr.loss())
+                    pr.set(None)
+                for delta, value in zip(chunk, values):
+                    loss = overflow_to_inf(value)
+                    losses.append(loss)
+                    if loss > worst_loss:
+                        worst, worst_loss = delta, loss
         return RandomCorruptionResult(
             _as_dict(objective, worst), before, worst_loss, self.budget, "random", losses,
             passes=self.trials + 1,

@@ -322,20 +322,23 @@ def critical_eps(
     metric: Callable[[nn.Module], float],
     drop: float,
     corruption: str = "multi_step",
-    eps_max: Optional[float] = None,
+    eps_start: Optional[float] = None,
     iters: int = 12,
+    max_doublings: int = 12,
     **corruption_kwargs,
 ) -> float:
     """Smallest eps at which ``metric(model)`` falls by at least ``drop`` under the corruption.
 
     The corruption is computed on the objective's data; ``metric`` is evaluated (in eval mode) on
     whatever data it closes over, e.g. held-out accuracy. For ``"random"`` the metric is averaged
-    over the trials. The search doubles eps from ``eps_max`` (default: the budget's eps) until the
-    drop is reached (at most 30 doublings, else ``inf``), then bisects ``iters`` times; it
-    assumes the drop grows with eps and returns the upper end of the final bracket.
+    over the trials. The search doubles eps from ``eps_start`` (default: the budget's eps) until
+    the drop is reached (at most ``max_doublings`` times, else ``inf``), then bisects ``iters``
+    times between the last eps without the drop and the first with it; it assumes the drop grows
+    with eps and returns the upper end of the final bracket.
     """
     _check_budget(budget)
     _check_count("iters", iters)
+    _check_count("max_doublings", max_doublings)
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
         raise ValueError(f"drop must be a finite positive number, got {drop!r}")
     model = objective.model
@@ -356,14 +359,13 @@ def critical_eps(
 
     with preserved_modes(model, False):
         base = float(metric(model))
-    hi = float(eps_max if eps_max is not None else budget.eps) or 1e-3
-    for _ in range(30):
+    hi, lo = float(eps_start if eps_start is not None else budget.eps) or 1e-3, 0.0
+    for _ in range(max_doublings + 1):
         if base - measured(hi) >= drop:
             break
-        hi *= 2
+        lo, hi = hi, 2 * hi
     else:
         return math.inf
-    lo = 0.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if base - measured(mid) >= drop:

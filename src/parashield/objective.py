@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -74,7 +74,7 @@ def preserved_modes(model: nn.Module, train: Optional[bool]) -> Iterator[None]:
             m.training = mode
 
 
-def overflow_to_inf(value: Tensor) -> float:
+def overflow_to_inf(value: Union[Tensor, float]) -> float:
     """``float(value)``, with NaN mapped to +inf: the loss of a model that a corruption made
     overflow is infinitely large, which keeps comparisons between corruptions meaningful."""
     out = float(value)
@@ -180,6 +180,18 @@ class Objective:
             return float(loss), grads
 
 
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
 class Probe:
     """Evaluation handle given by ``Objective.probe()`` (see there)."""
 
@@ -256,6 +268,38 @@ class Probe:
         elif not math.isfinite(float(probe_value)):
             loss = torch.full_like(loss, math.inf)
         return loss, acc
+
+    def losses(self, deltas: Sequence[Sequence[Tensor]], data: Any = None) -> Tensor:
+        """Losses at ``w + a`` for several corruptions in one batched evaluation: ``vmap`` over
+        ``torch.func.functional_call`` with the corrupted parameter sets stacked, so R trials cost
+        one wide forward pass instead of R narrow ones. Returns shape (R,), float64; raises a
+        RuntimeError where the model or loss cannot be vmapped (e.g. ``.item()`` inside)."""
+        from torch.func import functional_call, vmap
+
+        obj = self.objective
+        wrapper = _LossModule(obj.model, obj.loss_fn)
+        stacked = {
+            f"model.{name}": torch.stack([d[i] for d in deltas]).add_(w)
+            for i, (name, w) in enumerate(zip(obj.names, self._saved))
+        }
+
+        def one(params: dict, batch: Any) -> Tensor:
+            return functional_call(wrapper, params, (batch,))
+
+        total, count = None, 0
+        with torch.no_grad():
+            for batch in obj.batches(data):
+                batch = to_device(batch, obj.device)
+                values = vmap(one, in_dims=(0, None))(stacked, batch)
+                if values.shape != (len(deltas),):
+                    raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(values.shape[1:])}")
+                n = batch_size(batch)
+                term = values.double() * n
+                total = term if total is None else total + term
+                count += n
+        if total is None:
+            raise ValueError("data yielded no batch")
+        return total / count
 
     def hvp(self, vectors: Sequence[Tensor], data: Any = None) -> Tensors:
         """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""

@@ -164,11 +164,11 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
     for m, s in summary.items():
         for g in s["grid"]:
             lines.append(f"| {METHODS.get(m, m)} | {g['scale']} {g['eps']} | " + " | ".join(_fmt(*g["indicators"][k], digits=4) for k in kinds) + " |")
+    kinds_c = list(next(iter(summary.values()))["critical_eps"])
     lines += ["", f"### Critical eps ({tr['runs'][0]['eval']['critical_eps_definition']})", "",
-              "| method | random | one-step | multi-step |", "|---|---|---|---|"]
+              "| method | " + " | ".join(kinds_c) + " |", "|---|" + "---|" * len(kinds_c)]
     for m, s in summary.items():
-        c = s["critical_eps"]
-        lines.append(f"| {METHODS.get(m, m)} | {_fmt(*c['random'])} | {_fmt(*c['one_step'])} | {_fmt(*c['multi_step'])} |")
+        lines.append(f"| {METHODS.get(m, m)} | " + " | ".join(_fmt(*s["critical_eps"][k]) for k in kinds_c) + " |")
     if any("hessian" in s for s in summary.values()):
         lines += ["", "### Curvature (training data)", "", "| method | top Hessian eigenvalue | Hessian trace |", "|---|---|---|"]
         for m, s in summary.items():

@@ -110,7 +110,7 @@ def train(task: Task, method: str, seed: int, folder: Path, key: str) -> tuple[n
                 return loss
 
             loss = opt.step(closure)
-            total += float(loss)
+            total += float(loss.detach())
             count += 1
         sched.step()
         log["seconds"] += time.perf_counter() - t0
@@ -170,7 +170,7 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
         kind: critical_eps(attack, Budget("l2", task.eval_eps["layer"][0], scale="layer"),
                            lambda m: sign * task.metric(m, task.test_data), drop, corruption=kind, iters=6,
                            **({"steps": 5} if kind == "multi_step" else {"trials": 3, "seed": seed} if kind == "random" else {}))
-        for kind in ("random", "one_step", "multi_step")
+        for kind in task.critical_kinds
     }
     out["critical_eps_definition"] = f"layer-relative L2 eps at which {task.metric_name} worsens by {drop}"
     if task.curvature:

@@ -38,6 +38,7 @@ class Task:
     eval_eps: dict = field(default_factory=lambda: {"absolute": [0.1, 0.3, 1.0], "layer": [0.01, 0.03, 0.1]})
     sweep_eps: tuple = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)  # layer-relative, for finding 3
     metric_drop: float = 0.1  # drop that defines the critical eps
+    critical_kinds: tuple = ("random", "one_step", "multi_step")
     multi_steps: int = 10
     random_trials: int = 5
     curvature: bool = True  # Hessian eigenvalue/trace and second-order indicator (HVP cost)
@@ -57,7 +58,7 @@ class Task:
     def config(self) -> dict:
         """Everything that changes results, for cache keys and the report."""
         keys = ("name", "metric_name", "epochs", "optimizer", "lr", "momentum", "weight_decay", "train_eps",
-                "sam_rho", "eval_eps", "sweep_eps", "metric_drop", "multi_steps", "random_trials", "curvature", "info")
+                "sam_rho", "eval_eps", "sweep_eps", "metric_drop", "critical_kinds", "multi_steps", "random_trials", "curvature", "info")
         return {k: getattr(self, k) for k in keys}
 
 
@@ -249,7 +250,9 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 12000, te
     def bleu(model: nn.Module, test: list) -> float:
         hyps = []
         for src, _, _ in test:
-            for row in model.greedy_decode(src, max_len=60).tolist():
+            # Length-sorted batches: 1.5x the longest source bounds the output, so a corrupted
+            # model that never emits <eos> does not decode to a fixed long maximum.
+            for row in model.greedy_decode(src, max_len=int(1.5 * src.shape[1]) + 5).tolist():
                 row = row[: row.index(EOS_INDEX)] if EOS_INDEX in row else row
                 hyps.append(detokenize(data.tgt_vocab.decode(row)))
         return sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
@@ -274,6 +277,7 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 12000, te
         weight_decay=0.0,
         eval_eps={"absolute": [0.3, 1.0, 3.0], "layer": [0.01, 0.03, 0.1]},
         metric_drop=2.0,
+        critical_kinds=("multi_step",),
         random_trials=2,
         curvature=False,
         info={"train_pairs": len(tr), "test_pairs": len(refs), "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
