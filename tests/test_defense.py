@@ -1165,3 +1165,24 @@ def test_apd_more_robust_than_sgd_on_digits():
     assert results["sgd"]["clean"] > 0.95 and results["apd"]["clean"] > 0.93
     for eps in attack_eps:
         assert results["apd"][eps] > results["sgd"][eps] + 0.05, results
+
+
+def test_nan_loss_term_without_gradient_is_caught_and_w_restored():
+    """A NaN that only the loss carries (no gradient, e.g. an added constant) still stops the step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+    opt = ps.APD(model.parameters(), torch.optim.SGD, budget=ps.Budget("l2", 0.1), steps=3, lr=0.1)
+    clean = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss + (float("nan") if len(calls) == 3 else 0.0)
+
+    with pytest.raises(ps.NonFiniteGradientError, match="t = 2"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(clean, model.parameters()))

@@ -28,7 +28,14 @@ def _load_task(name: str, quick: bool = False):
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    import torch
+
     from .reproduce import METHODS, QUICK_METHODS, run, write_report
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("parashield: error: --threads must be >= 1")
+        torch.set_num_threads(args.threads)
 
     names = _task_names() if args.task == "all" else [args.task]
     if args.quick:
@@ -123,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5")
     r.add_argument("--out", default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
+    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.set_defaults(func=cmd_reproduce)
 
     def common(q: argparse.ArgumentParser) -> None:

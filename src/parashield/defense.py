@@ -10,12 +10,13 @@ Bookkeeping uses two parameter-sized buffers: ``w`` (so that the clean parameter
 bit) and the gradient sum (flat, so that DDP needs one all-reduce). The corruption itself lives in
 the ``.grad`` tensors between passes: after pass t, ``.grad`` is turned in place into
 ``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is recovered up to one rounding of w), the
-parameters are set to ``w + a_{t+1}``, and ``.grad`` is zeroed for the next pass.
+parameters are set to ``w + a_{t+1}``, and ``.grad`` is released (set to None) for the next pass.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -148,6 +149,10 @@ class APD(torch.optim.Optimizer):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if distributed == "local" and model is None and torch.distributed.is_available() \
+                and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "
+                          "without it DDP synchronizes every pass, as distributed='sync' does")
         params = list(params)
         if not params:
             raise ValueError("params is empty: APD needs at least one parameter to optimize")
@@ -208,7 +213,7 @@ class APD(torch.optim.Optimizer):
                 loss.backward()
             optimizer.step()   # base step from the clean w with the averaged gradient
 
-        Between passes the parameters are moved and ``.grad`` is zeroed, so the body need not call
+        Between passes the parameters are moved and ``.grad`` is set to None, so the body need not call
         ``zero_grad``. On exit (also on an exception or ``break``) the parameters are back at the
         clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
         wanted. A NaN/Inf gradient in any pass raises ``NonFiniteGradientError`` naming the pass,
@@ -219,7 +224,7 @@ class APD(torch.optim.Optimizer):
         if not active:
             raise ValueError("no parameter of this optimizer requires grad")
         self._ready = False
-        self.zero_grad(set_to_none=False)
+        self.zero_grad(set_to_none=True)
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
         losses: list[Tensor] = []
         clean_params: Optional[Tensors] = None
@@ -253,7 +258,8 @@ class APD(torch.optim.Optimizer):
                     if t < self.steps:
                         cgrads = [p.grad for p in corrupted]
                         self._next_corruption(t, cgrads, corrupted, clean_params)
-                        torch._foreach_zero_(grads)
+                        for p in active:  # as zero_grad(set_to_none=True): no pass over memory
+                            p.grad = None
             with torch.no_grad():
                 torch._foreach_copy_(corrupted, clean_params)
                 restored = True
@@ -294,15 +300,21 @@ class APD(torch.optim.Optimizer):
                 raise RuntimeError("step() without a closure needs a completed trajectory() first")
             self._ready = False
             return self.base_optimizer.step()
-        clean_loss = None
-        for t in self.trajectory():
+        losses = []
+        for _ in self.trajectory():
             with torch.enable_grad():
-                loss = closure()
-            if t == 0:
-                clean_loss = loss
+                losses.append(closure())
         self._ready = False
+        values = [loss.detach().reshape(()) for loss in losses if isinstance(loss, Tensor)]
+        if values:  # a NaN loss term without gradient (e.g. an added constant) is caught here
+            bad = torch.nonzero(~torch.isfinite(torch.stack(values).float()))
+            if bad.numel():
+                t_bad = int(bad[0])
+                which = "the clean pass (t = 0)" if t_bad == 0 else f"corruption pass t = {t_bad}"
+                raise NonFiniteGradientError(f"non-finite loss in {which}; the parameters were restored to the "
+                                             f"clean w and no step was taken")
         self.base_optimizer.step()
-        return clean_loss
+        return losses[0]
 
     # ------------------------------------------------------------------ torch.optim citizenship
     def state_dict(self) -> dict:

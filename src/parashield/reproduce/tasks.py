@@ -42,24 +42,46 @@ class Task:
     multi_steps: int = 10
     random_trials: int = 5
     curvature: bool = True  # Hessian eigenvalue/trace and second-order indicator (HVP cost)
+    critical_iters: int = 6  # bisection steps of the critical-eps search
+    critical_doublings: int = 12  # eps doublings before the critical eps is declared inf
     info: dict = field(default_factory=dict)
+    #: ``tiny(examples) -> dict`` of task-specific field overrides for :meth:`shrink` (e.g. a
+    #: metric over fewer references); not part of the configuration.
+    tiny: Optional[Callable[[int], dict]] = field(default=None, repr=False, compare=False)
 
-    def shrink(self, batches: int = 2) -> "Task":
-        """A tiny copy for smoke tests: a few batches, one epoch, one eps per scale."""
+    def shrink(self, batches: int = 2, examples: int = 16) -> "Task":
+        """A tiny copy for smoke tests: ``batches`` training batches, one epoch, one attack and
+        one test batch cut to their first ``examples`` rows, one eps per scale, a short
+        critical-eps search. ``info["shrunk"]`` records the sizes, so shrunk runs never share a
+        cache entry with full ones."""
         from dataclasses import replace
 
         epoch = self.train_epoch
-        return replace(
-            self, train_epoch=lambda gen: list(epoch(gen))[:batches], attack_data=self.attack_data[:1],
-            test_data=self.test_data[:1], epochs=1, multi_steps=2, random_trials=2, sweep_eps=(1e-3, 1e-2),
-            eval_eps={k: v[:1] for k, v in self.eval_eps.items()},
+        tiny = replace(
+            self, train_epoch=lambda gen: list(epoch(gen))[:batches],
+            attack_data=[_head(b, examples) for b in self.attack_data[:1]],
+            test_data=[_head(b, examples) for b in self.test_data[:1]], epochs=1, multi_steps=2, random_trials=2,
+            sweep_eps=(1e-3, 1e-2), eval_eps={k: v[:1] for k, v in self.eval_eps.items()},
+            critical_iters=1, critical_doublings=2, info={**self.info, "shrunk": [batches, examples]},
         )
+        return replace(tiny, **self.tiny(examples)) if self.tiny is not None else tiny
 
     def config(self) -> dict:
         """Everything that changes results, for cache keys and the report."""
         keys = ("name", "metric_name", "epochs", "optimizer", "lr", "momentum", "weight_decay", "train_eps",
                 "sam_rho", "eval_eps", "sweep_eps", "metric_drop", "critical_kinds", "multi_steps", "random_trials", "curvature", "info")
-        return {k: getattr(self, k) for k in keys}
+        cfg = {k: getattr(self, k) for k in keys}
+        # Added later: only listed when not at their defaults, so existing cache keys stay valid.
+        cfg.update({k: getattr(self, k) for k, d in (("critical_iters", 6), ("critical_doublings", 12))
+                    if getattr(self, k) != d})
+        return cfg
+
+
+def _head(batch: Batch, n: int) -> Batch:
+    """The first ``n`` rows (dim 0) of every tensor of a batch (tuple of tensors or a tensor)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    return type(batch)(_head(b, n) for b in batch)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor, size: int, gen: Optional[torch.Generator] = None) -> list:
