@@ -37,6 +37,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise SystemExit("parashield: error: --threads must be >= 1")
         torch.set_num_threads(args.threads)
 
+    if args.task != "all" and args.task not in _task_names():
+        raise SystemExit(f"parashield: error: unknown task {args.task!r}; choose from {', '.join(_task_names())}")
     names = _task_names() if args.task == "all" else [args.task]
     if args.quick:
         names = ["digits"]
@@ -64,8 +66,13 @@ def _objective_from_checkpoint(args: argparse.Namespace):
     from . import Objective, load_checkpoint
 
     task = _load_task(args.task)
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"parashield: error: checkpoint {args.checkpoint} not found")
     model = task.build_model()
-    load_checkpoint(args.checkpoint, model, restore_rng=False)
+    try:
+        load_checkpoint(args.checkpoint, model, restore_rng=False)
+    except (RuntimeError, KeyError) as exc:
+        raise SystemExit(f"parashield: error: {args.checkpoint} is not a checkpoint of task {args.task!r}: {exc}") from None
     model.eval()
     return task, model, Objective(model, task.loss_fn, task.attack_data)
 
@@ -144,14 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="corrupt a saved model's parameters and report the test metric")
     common(a)
-    a.add_argument("--corruption", default="multi_step", choices=["random", "one_step", "multi_step"])
+    a.add_argument("--corruption", default="multi_step", choices=["random", "one_step", "multi_step"],
+                   help="corruption type (default multi_step)")
     a.add_argument("--steps", type=int, default=10, help="multi-step corruption steps")
     a.add_argument("--trials", type=int, default=10, help="random corruption trials")
     a.set_defaults(func=cmd_attack)
 
     i = sub.add_parser("indicators", help="loss change indicators and per-layer vulnerability of a saved model")
     common(i)
-    i.add_argument("--methods", default="first_order,second_order,random,one_step,multi_step")
+    i.add_argument("--methods", default="first_order,second_order,random,one_step,multi_step",
+                   help="comma-separated indicators (default: all of first_order, second_order, random, one_step, multi_step)")
     i.add_argument("--curvature", action="store_true", help="also the top Hessian eigenvalue and trace")
     i.set_defaults(func=cmd_indicators)
     return p

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -46,6 +47,78 @@ class _FlatBuffer:
                 n = tensors[i].numel()
                 self.views[i] = flat[offset : offset + n].view_as(tensors[i])
                 offset += n
+
+
+class _Workspace:
+    """What one parameter set needs, allocated once: ``clean`` (w of the corrupted parameters),
+    ``gsum`` (the gradient sum) and ``grad``, a flat buffer that every ``.grad`` is a view of
+    during a trajectory, so that backward accumulates into it in place and each bookkeeping
+    operation is one kernel over the whole buffer instead of one per tensor. ``grad`` replaces
+    the gradients' own memory: the extra memory is ``clean`` and ``gsum``.
+
+    A post-accumulate-grad hook records which parameters the clean pass reached, so that
+    parameters without a gradient keep ``.grad = None`` as under ``zero_grad(set_to_none=True)``.
+    """
+
+    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
+        self.params = params
+        self.key = tuple(id(p) for p in params)
+        self.corrupted = [p for p in params if corrupt_ids is None or id(p) in corrupt_ids]
+        index = {id(p): i for i, p in enumerate(params)}
+        self.clean = _FlatBuffer(self.corrupted)
+        self.gsum = _FlatBuffer(params)
+        self.grad = _FlatBuffer(params)
+        self.cgrad_views = [self.grad.views[index[id(p)]] for p in self.corrupted]
+        whole = len(self.corrupted) == len(params) and not layerwise
+        # The budget sees whole flat buffers where its maths allows (global norms), else tensors.
+        self.budget_grads = self.grad.flats if whole else self.cgrad_views
+        self.budget_clean = self.clean.flats if whole else self.clean.views
+        self.reached = [False] * len(params)
+        self.watching = [False]  # a cell the hooks share; they hold no reference to the workspace
+        hooks = [p.register_post_accumulate_grad_hook(_reach_hook(self.watching, self.reached, i))
+                 for i, p in enumerate(params)]
+        self._finalizer = weakref.finalize(self, _remove_hooks, hooks)
+
+    def watch(self, on: bool) -> None:
+        if on:
+            self.reached[:] = [False] * len(self.reached)
+        self.watching[0] = on
+
+    def bind_grads(self) -> None:
+        """Zero the gradient buffer and make every ``.grad`` a view of it."""
+        for flat in self.grad.flats:
+            flat.zero_()
+        for p, v in zip(self.params, self.grad.views):
+            if p.grad is None or p.grad.data_ptr() != v.data_ptr():
+                p.grad = v
+
+    def collect_grads(self) -> None:
+        """After a pass: copy any gradient that autograd put elsewhere (e.g. after the user set
+        ``.grad`` to None) into the buffer, and bind it."""
+        for p, v in zip(self.params, self.grad.views):
+            g = p.grad
+            if g is None:
+                v.zero_()
+                p.grad = v
+            elif g.data_ptr() != v.data_ptr():
+                v.copy_(g)
+                p.grad = v
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _reach_hook(watching: list, reached: list, i: int) -> Callable[[Tensor], None]:
+    def hook(_: Tensor) -> None:
+        if watching[0]:
+            reached[i] = True
+
+    return hook
+
+
+def _remove_hooks(hooks: list) -> None:
+    for h in hooks:
+        h.remove()
 
 
 @contextmanager
@@ -171,7 +244,8 @@ class APD(torch.optim.Optimizer):
         self.model = model
         self._corrupt_ids = None if corrupt is None else {id(p) for p in corrupt}
         self._generator = torch.Generator().manual_seed(seed)
-        self._buffers: Optional[tuple[tuple[int, ...], _FlatBuffer, _FlatBuffer]] = None
+        self._workspace: Optional[_Workspace] = None
+        self._in_trajectory = False
         self._ready = False  # a trajectory has left averaged gradients for the base step
 
     # ------------------------------------------------------------------ the core
@@ -182,27 +256,38 @@ class APD(torch.optim.Optimizer):
         ddp = torch.nn.parallel.DistributedDataParallel
         return self.distributed == "local" and isinstance(self.model, ddp)
 
-    def _allocate(self, active: Tensors, corrupted: Tensors) -> tuple[_FlatBuffer, _FlatBuffer]:
-        key = tuple(id(p) for p in active) + (-1,) + tuple(id(p) for p in corrupted)
-        if self._buffers is None or self._buffers[0] != key:
-            self._buffers = (key, _FlatBuffer(corrupted), _FlatBuffer(active))
-        return self._buffers[1], self._buffers[2]
+    def _workspace_for(self, params: Tensors) -> _Workspace:
+        ws = self._workspace
+        if ws is None or ws.key != tuple(id(p) for p in params):
+            if ws is not None:
+                ws.close()
+            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
+        return ws
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``; inside a trajectory the gradients stay zeroed views of the
+        workspace buffer (so that backward accumulates in place) instead of becoming None."""
+        if self._in_trajectory and self._workspace is not None:
+            self._workspace.bind_grads()
+        else:
+            super().zero_grad(set_to_none)
 
     @torch.no_grad()
-    def _next_corruption(self, t: int, grads: Tensors, params: Tensors, clean: Tensors) -> None:
-        """Turn ``grads`` (g_t of the corrupted parameters) into a_{t+1} in place and move the
-        parameters to w + a_{t+1}."""
+    def _next_corruption(self, t: int, ws: _Workspace) -> None:
+        """Turn the gradient buffer (g_t) into a_{t+1} in place and move the corrupted parameters
+        to w + a_{t+1}."""
+        grads, clean = ws.budget_grads, ws.budget_clean
         if self.corruption == "random":
-            sample = self.budget.sample(clean, self._generator)
-            torch._foreach_copy_(grads, sample)
+            torch._foreach_copy_(grads, self.budget.sample(clean, self._generator))
         else:
             self.budget.steepest_(grads, clean, radius=self.step_size)
             if t > 0:  # a_t = (w + a_t) - w; a_0 = 0 needs no recovery
-                torch._foreach_add_(grads, params)
+                torch._foreach_add_(ws.cgrad_views, ws.corrupted)
                 torch._foreach_sub_(grads, clean)
-            self.budget.project_(grads, clean)
-        torch._foreach_copy_(params, clean)
-        torch._foreach_add_(params, grads)
+            if t > 0 or self.step_size > self.budget.eps:  # a_1 = steepest of radius alpha <= eps is in S
+                self.budget.project_(grads, clean)
+        torch._foreach_copy_(ws.corrupted, ws.clean.views)
+        torch._foreach_add_(ws.corrupted, ws.cgrad_views)
 
     def trajectory(self, scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator[int]:
         """Two-phase API for loops that cannot pass a closure: iterate, and do one forward and
@@ -220,62 +305,54 @@ class APD(torch.optim.Optimizer):
         unless a ``GradScaler`` is given, in which case the gradient is left non-finite so that
         ``scaler.step(optimizer)`` skips the step (fp16 recipe, see README).
         """
-        active = self._parameters()
-        if not active:
+        params = self._parameters()
+        if not params:
             raise ValueError("no parameter of this optimizer requires grad")
         self._ready = False
-        self.zero_grad(set_to_none=True)
+        ws = self._workspace_for(params)
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
-        losses: list[Tensor] = []
-        clean_params: Optional[Tensors] = None
-        restored = False
-        corrupted: Tensors = []
+        flags = torch.zeros(self.steps + 1, dtype=torch.float64, device=params[0].device)
+        started = restored = False
+        self._in_trajectory = True
         try:
+            ws.bind_grads()
+            ws.watch(True)
             for t in range(self.steps + 1):
                 with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
                     yield t
                 with torch.no_grad():
+                    ws.watch(False)
+                    ws.collect_grads()
                     if t == 0:
-                        active = [p for p in active if p.grad is not None]
-                        if not active:
+                        if not any(ws.reached) and not any(bool(f.any()) for f in ws.grad.flats):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
-                        corrupted = [p for p in active if self._corrupt_ids is None or id(p) in self._corrupt_ids]
-                        w_buf, g_buf = self._allocate(active, corrupted)
-                        clean_params = w_buf.views
-                        torch._foreach_copy_(clean_params, corrupted)
-                        flags = torch.zeros(self.steps + 1, dtype=torch.float64, device=active[0].device)
-                    for p in active:  # a parameter unused in this pass has a zero gradient
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    grads = [p.grad for p in active]
-                    norms = torch._foreach_norm(grads)
-                    flags[t] = torch.stack(norms).to(flags).sum() if len(norms) > 1 else norms[0].to(flags)
-                    if t > 0 or self.include_clean:
-                        if t == 0 or (t == 1 and not self.include_clean):
-                            torch._foreach_copy_(g_buf.views, grads)
-                        else:
-                            torch._foreach_add_(g_buf.views, grads)
+                        torch._foreach_copy_(ws.clean.views, ws.corrupted)
+                        started = True
+                    grads = ws.grad.flats
+                    flags[t] = torch.stack(torch._foreach_norm(grads)).to(flags).sum()
+                    if t == 0 if self.include_clean else t == 1:
+                        torch._foreach_copy_(ws.gsum.flats, grads)
+                    elif t > 0:
+                        torch._foreach_add_(ws.gsum.flats, grads)
                     if t < self.steps:
-                        cgrads = [p.grad for p in corrupted]
-                        self._next_corruption(t, cgrads, corrupted, clean_params)
-                        for p in active:  # as zero_grad(set_to_none=True): no pass over memory
-                            p.grad = None
+                        self._next_corruption(t, ws)
+                        for flat in grads:  # as zero_grad, for a body that does not call it
+                            flat.zero_()
             with torch.no_grad():
-                torch._foreach_copy_(corrupted, clean_params)
+                torch._foreach_copy_(ws.corrupted, ws.clean.views)
                 restored = True
                 count = self.steps + (1 if self.include_clean else 0)
                 if self._ddp_local():
                     import torch.distributed as dist
 
-                    world = dist.get_world_size(self.model.process_group)
-                    for flat in g_buf.flats:
+                    count *= dist.get_world_size(self.model.process_group)
+                    for flat in ws.gsum.flats:
                         dist.all_reduce(flat, group=self.model.process_group)
-                    count *= world
-                for p, g in zip(active, g_buf.views):
-                    if p.grad is None:
-                        p.grad = torch.empty_like(p)
-                    p.grad.copy_(g)
-                torch._foreach_mul_([p.grad for p in active], 1.0 / count)
+                for g, total in zip(ws.grad.flats, ws.gsum.flats):
+                    torch.mul(total, 1.0 / count, out=g)
+                for p, reached in zip(params, ws.reached):
+                    if not reached:  # no gradient in the clean pass: None, as plain training leaves it
+                        p.grad = None
                 if scaler is None:
                     bad = torch.nonzero(~torch.isfinite(flags))
                     if bad.numel():  # the step's single host sync
@@ -287,9 +364,11 @@ class APD(torch.optim.Optimizer):
                         )
             self._ready = True
         finally:
-            if not restored and clean_params is not None:
+            self._in_trajectory = False
+            ws.watch(False)
+            if started and not restored:
                 with torch.no_grad():
-                    torch._foreach_copy_(corrupted, clean_params)
+                    torch._foreach_copy_(ws.corrupted, ws.clean.views)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling

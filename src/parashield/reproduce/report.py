@@ -15,17 +15,24 @@ from .runner import CORRUPTIONS, METHODS, write_json
 
 
 def _stats(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    """Mean and sample std (0 for one value). Missing values (None, NaN) are left out; an
+    infinite value (a loss or perplexity that overflowed, a critical eps never reached) makes
+    the mean infinite and the std NaN."""
+    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
     if not xs:
         return math.nan, math.nan
+    if any(math.isinf(x) for x in xs):
+        return sum(xs) / len(xs), math.nan  # +-inf (NaN if both signs occur)
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, s
 
 
 def _fmt(m: float, s: Optional[float] = None, digits: int = 3) -> str:
-    if m is None or not math.isfinite(m):
-        return "inf" if m == math.inf else "n/a"
+    if m is None or math.isnan(m):
+        return "n/a"
+    if math.isinf(m):
+        return "inf" if m > 0 else "-inf"
     text = f"{m:.{digits}f}"
     return text if s is None else f"{text} ± {s:.{digits}f}"
 
@@ -65,7 +72,7 @@ def summarize(task_result: dict) -> dict:
 def findings(task_result: dict, summary: dict) -> list[dict]:
     """The four findings, each with its verdict and the numbers that decide it."""
     out = []
-    hib = task_result["config"]["metric_name"] != "perplexity"
+    hib = task_result.get("higher_is_better", task_result["config"]["metric_name"] != "perplexity")
     plain = summary.get("plain")
     if plain:
         grid = plain["grid"]
@@ -146,7 +153,7 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
              f"training data ({cfg['multi_steps']}-step multi-step, {cfg['random_trials']} random trials) and "
              f"evaluated on test data. Defenses train with a layer-relative L2 budget eps={cfg['train_eps']} "
              f"(SAM rho={cfg['sam_rho']}); {cfg['epochs']} epochs, {cfg['optimizer']} lr={cfg['lr']}. {cfg['info']}", ""]
-    train_times = {r["method"]: r["train"]["seconds"] for r in tr["runs"]}
+    train_times = {m: _stats([r["train"]["seconds"] for r in tr["runs"] if r["method"] == m])[0] for m in summary}
     lines += ["| method | clean " + metric + " | clean loss | train s/run |", "|---|---|---|---|"]
     for m, s in summary.items():
         lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['clean_metric'], digits=4)} | {_fmt(*s['clean_loss'])} | {train_times.get(m, 0):.1f} |")
@@ -181,6 +188,8 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
     for row in plain["layers"][:12]:
         lines.append(f"| {row['name']} | {row['numel']} | {row['value']:.5f} |")
     lines += ["", "### Findings", ""]
+    if not tr["findings"]:
+        lines.append("- not decided: findings 1-3 need the plain method, finding 4 plain and an APD method")
     for f in tr["findings"]:
         lines.append(f"- **{f['finding']}**: {'CONFIRMED' if f['confirmed'] else 'NOT CONFIRMED'} (rule: {f['rule']})")
         lines += [f"  - {e}" for e in f["evidence"]]
@@ -223,8 +232,10 @@ def _plots(name: str, tr: dict, summary: dict, out: Path) -> None:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=METHODS.get(m, m), s=18)
     xs = [p for s in summary.values() for g in s["grid"] for p in [g["indicators"]["first_order"][0]]]
     xs += [r["first_order"][0] for s in summary.values() for r in s["sweep"]]
-    lo, hi = max(min(xs), 1e-9), max(xs)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+    xs = [x for x in xs if math.isfinite(x) and x > 0]
+    if xs:
+        lo, hi = max(min(xs), 1e-9), max(xs)
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("first-order indicator eps·||g||")

@@ -87,15 +87,10 @@ def train(task: Task, method: str, seed: int, folder: Path, key: str) -> tuple[n
     ckpt = folder / "train.pt"
     log: dict = {"epochs": [], "seconds": 0.0}
     start = 0
-    if ckpt.exists():
+    # A checkpoint of another configuration (maybe another model shape) is never loaded: start over.
+    if ckpt.exists() and _checkpoint_key(ckpt) == key:
         extra = load_checkpoint(ckpt, model, opt, sched)
-        if extra.get("key") == key:
-            log, start = extra["log"], extra["epoch"]
-        else:  # a stale run of another configuration: start over
-            torch.manual_seed(seed)
-            model = task.build_model()
-            opt = build_optimizer(method, model, task)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=task.epochs)
+        log, start = extra["log"], extra["epoch"]
     gen = torch.Generator().manual_seed(seed * 1000 + start)
     for epoch in _progress(range(start, task.epochs), desc=f"{task.name}/{method}/seed{seed}", initial=start,
                            total=task.epochs, unit="epoch"):
@@ -119,6 +114,13 @@ def train(task: Task, method: str, seed: int, folder: Path, key: str) -> tuple[n
         save_checkpoint(ckpt, model, opt, sched, key=key, log=log, epoch=epoch + 1)
     model.eval()
     return model, log
+
+
+def _checkpoint_key(path: Path) -> Optional[str]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["extra"].get("key")
+    except Exception:  # unreadable or not ours: treated as stale
+        return None
 
 
 def _metric(task: Task, model: nn.Module) -> float:
@@ -153,7 +155,7 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
             indicators[kind] = res.loss_change
         indicators["random"] = rc(attack).mean_change
         if task.curvature:
-            indicators["second_order"] = loss_change(attack, budget, "second_order", iters=20)
+            indicators["second_order"] = loss_change(attack, budget, "second_order", iters=task.curvature_iters)
         row["indicators"] = indicators
         out["grid"].append(row)
     out["sweep"] = []  # finding 3: first-order indicator vs the measured one-step change as eps -> 0
@@ -168,14 +170,15 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     sign = 1.0 if task.higher_is_better else -1.0
     out["critical_eps"] = {
         kind: critical_eps(attack, Budget("l2", task.eval_eps["layer"][0], scale="layer"),
-                           lambda m: sign * task.metric(m, task.test_data), drop, corruption=kind, iters=6,
+                           lambda m: sign * task.metric(m, task.test_data), drop, corruption=kind,
+                           iters=task.critical_iters, max_doublings=task.critical_doublings,
                            **({"steps": 5} if kind == "multi_step" else {"trials": 3, "seed": seed} if kind == "random" else {}))
         for kind in task.critical_kinds
     }
     out["critical_eps_definition"] = f"layer-relative L2 eps at which {task.metric_name} worsens by {drop}"
     if task.curvature:
-        out["hessian"] = {"top_eigenvalue": hessian_top_eigenvalue(attack, iters=20),
-                          "trace": hessian_trace(attack, samples=10, seed=seed)}
+        out["hessian"] = {"top_eigenvalue": hessian_top_eigenvalue(attack, iters=task.curvature_iters),
+                          "trace": hessian_trace(attack, samples=task.trace_samples, seed=seed)}
     return out
 
 
@@ -210,4 +213,4 @@ def run(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> dict:
                       "train_seconds_this_session": t1 - t0}
             write_json(done, result)
             runs.append(result)
-    return {"task": task.name, "config": task.config(), "runs": runs}
+    return {"task": task.name, "config": task.config(), "higher_is_better": task.higher_is_better, "runs": runs}

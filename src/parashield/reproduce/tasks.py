@@ -44,25 +44,29 @@ class Task:
     curvature: bool = True  # Hessian eigenvalue/trace and second-order indicator (HVP cost)
     critical_iters: int = 6  # bisection steps of the critical-eps search
     critical_doublings: int = 12  # eps doublings before the critical eps is declared inf
+    curvature_iters: int = 20  # Lanczos vectors of the second-order indicator and top eigenvalue
+    trace_samples: int = 10  # Hutchinson samples of the Hessian trace
     info: dict = field(default_factory=dict)
     #: ``tiny(examples) -> dict`` of task-specific field overrides for :meth:`shrink` (e.g. a
     #: metric over fewer references); not part of the configuration.
     tiny: Optional[Callable[[int], dict]] = field(default=None, repr=False, compare=False)
 
-    def shrink(self, batches: int = 2, examples: int = 16) -> "Task":
-        """A tiny copy for smoke tests: ``batches`` training batches, one epoch, one attack and
-        one test batch cut to their first ``examples`` rows, one eps per scale, a short
-        critical-eps search. ``info["shrunk"]`` records the sizes, so shrunk runs never share a
-        cache entry with full ones."""
+    def shrink(self, batches: int = 2, examples: int = 8) -> "Task":
+        """A tiny copy for smoke tests: one epoch of ``batches`` training batches, one attack and
+        one test batch, every batch cut to its first ``examples`` rows (dim 0), one eps per
+        scale, few corruption steps, a short critical-eps search and few curvature iterations.
+        ``info["shrunk"]`` records the sizes, so shrunk runs never share a cache entry with full
+        ones."""
         from dataclasses import replace
 
         epoch = self.train_epoch
         tiny = replace(
-            self, train_epoch=lambda gen: list(epoch(gen))[:batches],
+            self, train_epoch=lambda gen: [_head(b, examples) for b in list(epoch(gen))[:batches]],
             attack_data=[_head(b, examples) for b in self.attack_data[:1]],
             test_data=[_head(b, examples) for b in self.test_data[:1]], epochs=1, multi_steps=2, random_trials=2,
             sweep_eps=(1e-3, 1e-2), eval_eps={k: v[:1] for k, v in self.eval_eps.items()},
-            critical_iters=1, critical_doublings=2, info={**self.info, "shrunk": [batches, examples]},
+            critical_iters=1, critical_doublings=2, curvature_iters=4, trace_samples=2,
+            info={**self.info, "shrunk": [batches, examples]},
         )
         return replace(tiny, **self.tiny(examples)) if self.tiny is not None else tiny
 
@@ -72,9 +76,15 @@ class Task:
                 "sam_rho", "eval_eps", "sweep_eps", "metric_drop", "critical_kinds", "multi_steps", "random_trials", "curvature", "info")
         cfg = {k: getattr(self, k) for k in keys}
         # Added later: only listed when not at their defaults, so existing cache keys stay valid.
-        cfg.update({k: getattr(self, k) for k, d in (("critical_iters", 6), ("critical_doublings", 12))
-                    if getattr(self, k) != d})
+        defaults = {"critical_iters": 6, "critical_doublings": 12, "curvature_iters": 20, "trace_samples": 10}
+        cfg.update({k: getattr(self, k) for k, d in defaults.items() if getattr(self, k) != d})
         return cfg
+
+
+def _data_seed(seed: int) -> dict:
+    """The seed of the data split/subset, for the cache key; left out at its default 0 so that
+    existing cache keys stay valid."""
+    return {"data_seed": seed} if seed != 0 else {}
 
 
 def _head(batch: Batch, n: int) -> Batch:
@@ -129,7 +139,7 @@ def digits(quick: bool = False, seed: int = 0) -> Task:
         eval_eps={"absolute": [0.25, 0.5, 1.0], "layer": [0.02, 0.05, 0.1]} if quick
         else {"absolute": [0.25, 0.5, 1.0, 2.0], "layer": [0.02, 0.05, 0.1, 0.2]},
         metric_drop=0.1,
-        info={"train": len(x_tr), "test": len(x_te), "model": "MLP 64-128-64-10"},
+        info={"train": len(x_tr), "test": len(x_te), "model": "MLP 64-128-64-10", **_data_seed(seed)},
     )
 
 
@@ -157,7 +167,7 @@ def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_si
         epochs=4,
         lr=0.05,
         eval_eps={"absolute": [0.1, 0.3, 1.0], "layer": [0.01, 0.03, 0.1]},
-        info={"train": train_size, "test": test_size, "model": "ResNet widths (8,16,32), 1 block/stage"},
+        info={"train": train_size, "test": test_size, "model": "ResNet widths (8,16,32), 1 block/stage", **_data_seed(seed)},
     )
 
 
@@ -184,7 +194,7 @@ def bbc(quick: bool = False, seed: int = 0) -> Task:
         lr=3e-3,
         weight_decay=0.0,
         eval_eps={"absolute": [0.3, 1.0, 3.0], "layer": [0.03, 0.1, 0.3]},
-        info={"train": len(y_tr), "test": len(y_te), "vocab": vocab, "model": "EmbeddingBag(64) + Linear"},
+        info={"train": len(y_tr), "test": len(y_te), "vocab": vocab, "model": "EmbeddingBag(64) + Linear", **_data_seed(seed)},
     )
 
 
@@ -200,7 +210,10 @@ def perplexity(model: nn.Module, batches: list) -> float:
     for x, y in batches:
         total += float(lm_loss(model, (x, y))) * y.numel()
         count += y.numel()
-    return math.exp(total / count)
+    try:
+        return math.exp(total / count)
+    except OverflowError:  # a mean loss above ~709 nats (a heavily corrupted model)
+        return math.inf
 
 
 def ptb(quick: bool = False, seed: int = 0, bptt: int = 35, train_tokens: int = 300_000) -> Task:
@@ -268,16 +281,19 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 12000, te
         logits = model(src, tgt_in)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=0)
 
-    @torch.no_grad()
-    def bleu(model: nn.Module, test: list) -> float:
-        hyps = []
-        for src, _, _ in test:
-            # Length-sorted batches: 1.5x the longest source bounds the output, so a corrupted
-            # model that never emits <eos> does not decode to a fixed long maximum.
-            for row in model.greedy_decode(src, max_len=int(1.5 * src.shape[1]) + 5).tolist():
-                row = row[: row.index(EOS_INDEX)] if EOS_INDEX in row else row
-                hyps.append(detokenize(data.tgt_vocab.decode(row)))
-        return sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+    def make_bleu(refs: list) -> Callable[[nn.Module, list], float]:
+        @torch.no_grad()
+        def bleu(model: nn.Module, test: list) -> float:
+            hyps = []
+            for src, _, _ in test:
+                # Length-sorted batches: 1.5x the longest source bounds the output, so a corrupted
+                # model that never emits <eos> does not decode to a fixed long maximum.
+                for row in model.greedy_decode(src, max_len=int(1.5 * src.shape[1]) + 5).tolist():
+                    row = row[: row.index(EOS_INDEX)] if EOS_INDEX in row else row
+                    hyps.append(detokenize(data.tgt_vocab.decode(row)))
+            return sacrebleu.corpus_bleu(hyps, [refs], lowercase=True).score
+
+        return bleu
 
     def epoch(gen: torch.Generator) -> list:
         order = torch.randperm(len(tr), generator=gen).tolist()
@@ -289,7 +305,7 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 12000, te
         higher_is_better=True,
         build_model=lambda: TransformerTranslator(sv, tv, d_model=128, nhead=4, layers=2, dim_ff=256, dropout=0.1),
         loss_fn=loss,
-        metric=bleu,
+        metric=make_bleu(refs),
         train_epoch=epoch,
         attack_data=batches(tr, list(range(256)), 128),
         test_data=test_batches,
@@ -302,7 +318,9 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 12000, te
         critical_kinds=("multi_step",),
         random_trials=2,
         curvature=False,
-        info={"train_pairs": len(tr), "test_pairs": len(refs), "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
+        info={"train_pairs": len(tr), "test_pairs": len(refs), "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128", **_data_seed(seed)},
+        # shrink(): the first (shortest) test sentences, with only their references.
+        tiny=lambda n: {"test_data": batches(te, test_idx[:n], n), "metric": make_bleu(refs[:n])},
     )
 
 
