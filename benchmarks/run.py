@@ -169,7 +169,7 @@ def bench_sam(model, x, y, device, rounds) -> dict:
     for _ in range(3):
         sam.step(ca)
         ref_step()
-    diff = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), m2.parameters()))
+    diff = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), m2.parameters()))
     out = ratio(lambda: sam.step(ca), ref_step, device, rounds)
     out.update(max_param_difference_after_3_steps=diff, params=numel(model), tensors=len(list(model.parameters())))
     return out
@@ -235,8 +235,8 @@ def bench_memory(device) -> dict:
     pbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     apd = ps.APD(model.parameters(), torch.optim.SGD, budget=ps.Budget("l2", 0.05), steps=3, lr=1e-4)
     apd.step(closure_of(model, x, y, apd))
-    _, w_buf, g_buf = apd._buffers
-    persistent = sum(f.numel() * f.element_size() for f in w_buf.flats + g_buf.flats) / pbytes
+    ws = apd._workspace  # `grad` is where .grad lives (replaces the gradients' memory): not extra
+    persistent = sum(f.numel() * f.element_size() for f in ws.clean.flats + ws.gsum.flats) / pbytes
     out = {"persistent_buffers_in_param_units": persistent, "params": numel(model)}
     if device.type == "cuda":
         base = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -282,8 +282,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = 5 if args.quick else 15
     torch.manual_seed(0)
     results: dict = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),

@@ -15,6 +15,7 @@ them. The in-place forms (``steepest_``, ``project_``) are the core; the plain f
 from __future__ import annotations
 
 import math
+from collections import abc
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Union
 
@@ -154,6 +155,37 @@ def _project_l2_weighted(x: Tensor, r: Union[float, Tensor], s: Tensor, iters: i
     return torch.where(inside, xd, a).to(x.dtype)
 
 
+class Geometry(abc.Sequence):
+    """The parameter values ``w`` a budget is relative to, with the scales derived from them
+    (element scale ``|w| + eta``, layer norms ``||w_l||_p``) computed once and cached. Pass one to
+    the budget's methods in place of a parameter list when calling them repeatedly at the same w
+    (each step of an attack), to save the passes over memory that recomputing them costs. Only
+    valid while the values of w do not change."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.params = [w.detach() for w in params]
+        self._scale: dict[float, Tensors] = {}
+        self._norms: dict[float, list[Tensor]] = {}
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.params[i]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def element_scale(self, eta: float) -> Tensors:
+        if eta not in self._scale:
+            s = torch._foreach_abs(self.params)
+            torch._foreach_add_(s, eta)
+            self._scale[eta] = s
+        return self._scale[eta]
+
+    def layer_norms(self, p: float) -> list[Tensor]:
+        if p not in self._norms:
+            self._norms[p] = _layer_norms(self.params, p)
+        return self._norms[p]
+
+
 @dataclass(frozen=True)
 class Budget:
     """A corruption budget ``{a : ||a||_p <= eps, ||a||_0 <= sparsity}`` (see module docstring).
@@ -204,12 +236,12 @@ class Budget:
         return replace(self, eps=eps)
 
     def _element_scale(self, params: Sequence[Tensor]) -> Tensors:
-        s = torch._foreach_abs([w.detach() for w in params])
-        torch._foreach_add_(s, self.eta)
-        return s
+        geometry = params if isinstance(params, Geometry) else Geometry(params)
+        return geometry.element_scale(self.eta)
 
     def _layer_radii(self, params: Sequence[Tensor], radius: float) -> list[Tensor]:
-        return [n * radius for n in _layer_norms([w.detach() for w in params], self.p)]
+        geometry = params if isinstance(params, Geometry) else Geometry(params)
+        return [n * radius for n in geometry.layer_norms(self.p)]
 
     # ------------------------------------------------------------------ steepest ascent
     def steepest_(self, grads: Tensors, params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:

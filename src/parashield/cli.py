@@ -39,7 +39,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.task != "all" and args.task not in _task_names():
         raise SystemExit(f"parashield: error: unknown task {args.task!r}; choose from {', '.join(_task_names())}")
-    names = _task_names() if args.task == "all" else [args.task]
+    names = _task_names() if args.task == "all" else args.task.split(",")
     if args.quick:
         names = ["digits"]
     methods = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else tuple(METHODS))
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("reproduce", help="train plain/one-step/SAM/APD models and evaluate them under corruption")
-    r.add_argument("--task", default="all", help="task name or 'all' (digits, fashion, ptb, translation, bbc)")
+    r.add_argument("--task", default="all", help="task name, comma-separated names, or 'all' (digits, fashion, ptb, translation, bbc)")
     r.add_argument("--quick", action="store_true", help="digits only, fewer epochs: a few minutes on 2 CPU cores")
     r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
     r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5")

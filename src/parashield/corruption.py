@@ -14,7 +14,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .budget import Budget
+from .budget import Budget, Geometry
 from .objective import Objective, Probe, check_finite, overflow_to_inf
 
 Tensors = list[Tensor]
@@ -263,6 +263,7 @@ class MultiStepCorruption:
             best, best_loss, history = None, -math.inf, []
             passes = 1
             data = self._step_data(objective)
+            geometry = Geometry(pr.clean)  # w is fixed during the attack: scales computed once
             for restart in range(self.restarts):
                 delta = self._start(pr, restart, gen)
                 for t in range(self.steps):
@@ -274,9 +275,9 @@ class MultiStepCorruption:
                         best, best_loss = [a.clone() for a in delta], history[-1]
                     if history[-1] == math.inf:  # the loss overflowed: no ascent direction left
                         break
-                    step = self.budget.steepest_(grads, pr.clean, radius=self.step_size)
+                    step = self.budget.steepest_(grads, geometry, radius=self.step_size)
                     torch._foreach_add_(delta, step)
-                    self.budget.project_(delta, pr.clean)
+                    self.budget.project_(delta, geometry)
                 pr.set(delta)
                 final = overflow_to_inf(pr.loss())
                 passes += 1

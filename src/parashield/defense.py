@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .budget import Budget
+from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
 
@@ -276,14 +276,14 @@ class APD(torch.optim.Optimizer):
     def _next_corruption(self, t: int, ws: _Workspace) -> None:
         """Turn the gradient buffer (g_t) into a_{t+1} in place and move the corrupted parameters
         to w + a_{t+1}."""
-        grads, clean = ws.budget_grads, ws.budget_clean
+        grads, clean = ws.budget_grads, ws.geometry
         if self.corruption == "random":
             torch._foreach_copy_(grads, self.budget.sample(clean, self._generator))
         else:
             self.budget.steepest_(grads, clean, radius=self.step_size)
             if t > 0:  # a_t = (w + a_t) - w; a_0 = 0 needs no recovery
                 torch._foreach_add_(ws.cgrad_views, ws.corrupted)
-                torch._foreach_sub_(grads, clean)
+                torch._foreach_sub_(grads, ws.budget_clean)
             if t > 0 or self.step_size > self.budget.eps:  # a_1 = steepest of radius alpha <= eps is in S
                 self.budget.project_(grads, clean)
         torch._foreach_copy_(ws.corrupted, ws.clean.views)
@@ -327,6 +327,7 @@ class APD(torch.optim.Optimizer):
                         if not any(ws.reached) and not any(bool(f.any()) for f in ws.grad.flats):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
                         torch._foreach_copy_(ws.clean.views, ws.corrupted)
+                        ws.geometry = Geometry(ws.budget_clean)  # scales of this step's w, once
                         started = True
                     grads = ws.grad.flats
                     flags[t] = torch.stack(torch._foreach_norm(grads)).to(flags).sum()
