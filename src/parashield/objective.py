@@ -243,22 +243,23 @@ class Probe:
         """Loss (0-dim float64) and its gradient w.r.t. the selected parameters; with ``check``
         a NaN/Inf loss or gradient raises NonFiniteLossError, without it the loss is returned
         as +inf when either is not finite (a corrupted model whose loss overflowed)."""
-        total, count, acc = None, 0, None
+        total, count, acc, batches = None, 0, None, 0
         for loss, n in self._losses(data):
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
             term = loss.detach().double() * n
-            if acc is None:
+            if acc is None:  # one batch: its gradient as it is, no scaling passes
                 acc, total = grads, term
-                if n != 1:
-                    torch._foreach_mul_(acc, float(n))
             else:
+                if batches == 1 and count != 1:
+                    torch._foreach_mul_(acc, float(count))
                 torch._foreach_add_(acc, grads, alpha=float(n))
                 total = total + term
             count += n
+            batches += 1
         if acc is None:
             raise ValueError("data yielded no batch")
-        if count != 1:
+        if batches > 1:
             torch._foreach_div_(acc, float(count))
         loss = total / count
         # One host sync for both checks: an infinite gradient norm turns the sum into NaN/Inf.
