@@ -37,9 +37,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             raise SystemExit("parashield: error: --threads must be >= 1")
         torch.set_num_threads(args.threads)
 
-    if args.task != "all" and args.task not in _task_names():
-        raise SystemExit(f"parashield: error: unknown task {args.task!r}; choose from {', '.join(_task_names())}")
     names = _task_names() if args.task == "all" else args.task.split(",")
+    unknown_tasks = [n for n in names if n not in _task_names()]
+    if unknown_tasks:  # before --quick replaces the names, and before any task is run
+        raise SystemExit(f"parashield: error: unknown task(s) {', '.join(map(repr, unknown_tasks))}; "
+                         f"choose from {', '.join(_task_names())}")
     if args.quick:
         names = ["digits"]
     methods = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else tuple(METHODS))
