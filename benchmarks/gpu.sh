@@ -7,5 +7,5 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-timeout 270 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt"
-timeout 300 python3 benchmarks/run.py --device cuda --out "$OUT/results-cuda.json" 2>&1 | tee "$OUT/bench-cuda.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests 2>&1 | tail -25 | tee "$OUT/pytest-cuda.txt"
+timeout 220 python3 benchmarks/run.py --device cuda --out "$OUT/results-cuda.json" 2>&1 | tee "$OUT/bench-cuda.txt"
