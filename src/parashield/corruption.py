@@ -14,6 +14,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_budget, check_count, step_size_or_default
 from .budget import Budget, Geometry
 from .objective import Objective, Probe, check_finite, overflow_to_inf
 
@@ -82,20 +83,6 @@ class RandomCorruptionResult(CorruptionResult):
         return out
 
 
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value}")
-    return value
-
-
-def _check_budget(budget: object) -> Budget:
-    if not isinstance(budget, Budget):
-        raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")
-    return budget
-
-
 def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]:
     return {n: a.detach().clone() for n, a in zip(objective.names, delta)}
 
@@ -111,15 +98,15 @@ class RandomCorruption:
 
     def __init__(self, budget: Budget, trials: int = 10, seed: int = 0, vectorize: Union[bool, str] = "auto",
                  chunk_size: int = 32) -> None:
-        self.budget = _check_budget(budget)
-        self.trials = _check_count("trials", trials)
+        self.budget = check_budget(budget)
+        self.trials = check_count("trials", trials)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
         if vectorize not in (True, False, "auto"):
             raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         self.seed = seed
         self.vectorize = vectorize
-        self.chunk_size = _check_count("chunk_size", chunk_size)
+        self.chunk_size = check_count("chunk_size", chunk_size)
 
     def samples(self, objective: Objective) -> Iterator[Tensors]:
         """The trial corruptions, in order (the same ones every call).
@@ -170,7 +157,7 @@ class GradientCorruption:
     """One-step corruption ``a = steepest(grad L(w))``: first-order optimal."""
 
     def __init__(self, budget: Budget) -> None:
-        self.budget = _check_budget(budget)
+        self.budget = check_budget(budget)
 
     def __call__(self, objective: Objective) -> CorruptionResult:
         with objective.probe() as pr:
@@ -218,18 +205,14 @@ class MultiStepCorruption:
         per_step: str = "full",
         seed: int = 0,
     ) -> None:
-        self.budget = _check_budget(budget)
-        self.steps = _check_count("steps", steps)
-        self.restarts = _check_count("restarts", restarts)
-        if step_size is None:
-            step_size = 1.5 * self.budget.eps / self.steps
-        elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
-            math.isfinite(step_size) and step_size > 0
-        ):
-            raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
+        self.budget = check_budget(budget)
+        self.steps = check_count("steps", steps)
+        self.restarts = check_count("restarts", restarts)
         if per_step not in ("full", "batch"):
             raise ValueError(f"per_step must be 'full' or 'batch', got {per_step!r}")
-        self.step_size = float(step_size)
+        self.step_size = step_size_or_default(step_size, self.budget, self.steps)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         self.random_start = bool(random_start)
         self.keep_best = bool(keep_best)
         self.per_step = per_step

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._checks import check_budget, check_count, step_size_or_default
 from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
@@ -150,14 +151,6 @@ class NonFiniteGradientError(FloatingPointError):
     """A pass of the defense produced a NaN/Inf loss or gradient."""
 
 
-def _check_positive_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value}")
-    return value
-
-
 class APD(torch.optim.Optimizer):
     """Adversarial parameter defense: multi-step risk minimization around any torch optimizer.
 
@@ -204,16 +197,9 @@ class APD(torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer subclass such as torch.optim.SGD, got {base_optimizer!r}"
             )
-        budget = Budget("l2", 0.05) if budget is None else budget
-        if not isinstance(budget, Budget):
-            raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")
-        steps = _check_positive_count("steps", steps)
-        if step_size is None:
-            step_size = 1.5 * budget.eps / steps
-        elif isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
-            math.isfinite(step_size) and step_size > 0
-        ):
-            raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
+        budget = check_budget(Budget("l2", 0.05) if budget is None else budget)
+        steps = check_count("steps", steps)
+        step_size = step_size_or_default(step_size, budget, steps)
         if corruption not in ("adversarial", "random"):
             raise ValueError(f"corruption must be 'adversarial' or 'random', got {corruption!r}")
         if distributed not in ("local", "sync"):

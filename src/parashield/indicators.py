@@ -15,13 +15,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_budget, check_count
 from .budget import Budget, _flat, _unflat_
 from .corruption import (
     GradientCorruption,
     MultiStepCorruption,
     RandomCorruption,
-    _check_budget,
-    _check_count,
     corrupted,
     make_corruption,
 )
@@ -38,7 +37,7 @@ def loss_change(objective: Objective, budget: Budget, method: str = "first_order
     random boundary corruptions; kwargs ``trials``, ``seed``), ``"one_step"`` and ``"multi_step"``
     (the change the corruption reaches; kwargs of ``MultiStepCorruption`` such as ``steps``).
     """
-    _check_budget(budget)
+    check_budget(budget)
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}")
     if method == "first_order":
@@ -178,7 +177,7 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
     gradient ascent on the model with step ``1 / |lambda_max|``, ``iters`` steps from each of two
     starts (the one-step corruption and a random boundary point, seeded), keeping the best.
     """
-    _check_count("iters", iters)
+    check_count("iters", iters)
     with objective.probe() as pr:
         _, grads = pr.gradient()
         g = _flat(grads).double()
@@ -246,7 +245,7 @@ def hessian_top_eigenvalue(
     ``method="lanczos"`` (default; ``iters`` Krylov vectors, converges much faster) or
     ``"power"`` (power iteration until the Rayleigh quotient changes by less than ``tol``).
     """
-    _check_count("iters", iters)
+    check_count("iters", iters)
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     with objective.probe() as pr:
@@ -263,7 +262,7 @@ def hessian_top_eigenvalue(
 
 def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> float:
     """Hutchinson estimate ``E[v.H.v]`` of the Hessian trace with Rademacher vectors (seeded)."""
-    _check_count("samples", samples)
+    check_count("samples", samples)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     with objective.probe() as pr:
@@ -336,9 +335,9 @@ def critical_eps(
     times between the last eps without the drop and the first with it; it assumes the drop grows
     with eps and returns the upper end of the final bracket.
     """
-    _check_budget(budget)
-    _check_count("iters", iters)
-    _check_count("max_doublings", max_doublings)
+    check_budget(budget)
+    check_count("iters", iters)
+    check_count("max_doublings", max_doublings)
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
         raise ValueError(f"drop must be a finite positive number, got {drop!r}")
     model = objective.model

@@ -1,0 +1,36 @@
+"""Argument checks shared by the public classes: each error names the argument and what it accepts."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from .budget import Budget
+
+
+def check_count(name: str, value: object) -> int:
+    """An int >= 1 (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value}")
+    return value
+
+
+def check_budget(budget: object) -> Budget:
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")
+    return budget
+
+
+def step_size_or_default(step_size: object, budget: Budget, steps: int) -> float:
+    """alpha of a multi-step trajectory: a finite positive number, default ``1.5 * eps / steps``
+    (the choice of the only public code near the papers: K steps can travel 1.5 times across
+    the ball)."""
+    if step_size is None:
+        return 1.5 * budget.eps / steps
+    if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not (
+        math.isfinite(step_size) and step_size > 0
+    ):
+        raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
+    return float(step_size)
