@@ -426,7 +426,9 @@ def test_report_with_a_missing_method(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "## Task `a`" in text and "## Task `p`" in text
     assert "not decided" in text
-    assert "plain training" not in text.split("## Task `p`")[0]
+    assert "plain training" not in text.split("## Task `a`")[1].split("## Task `p`")[0]
+    summary = text.split("## Task `a`")[0]  # the headline table lists each task's methods
+    assert "| a (accuracy) | APD K=3 |" in summary and "| p (accuracy) | plain training |" in summary
 
 
 def test_stats_and_format_edge_cases():

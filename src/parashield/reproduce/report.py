@@ -139,9 +139,30 @@ def write_report(results: dict, out: Path) -> Path:
         lines += [f"![{name}: metric vs eps]({name}_metric_vs_eps.png)", "",
                   f"![{name}: first-order indicator vs measured loss change]({name}_indicator.png)", "",
                   f"![{name}: per-layer vulnerability]({name}_layers.png)", ""]
+    headline = summary_table(results)
+    lines[4:4] = ["## Summary", "", *headline, ""]
     write_json(out / "results.json", results)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"
+
+
+def summary_table(results: dict) -> list[str]:
+    """One row per task and method: the clean metric and the metric under the multi-step
+    corruption at the middle and largest layer-relative eps (mean ± std over seeds)."""
+    lines = ["| task | method | clean | multi-step, layer eps (mid) | multi-step, layer eps (max) |",
+             "|---|---|---|---|---|"]
+    for name, tr in results["tasks"].items():
+        summary = tr.get("summary") or summarize(tr)
+        for method, s in summary.items():
+            rows = sorted((g for g in s["grid"] if g["scale"] == "layer"), key=lambda g: g["eps"])
+            if not rows:
+                continue
+            mid, top = rows[len(rows) // 2], rows[-1]
+            metric = tr["config"]["metric_name"]
+            lines.append(f"| {name} ({metric}) | {METHODS.get(method, method)} | {_fmt(*s['clean_metric'], digits=4)} | "
+                         f"{_fmt(*mid['multi_step']['metric'], digits=4)} (eps {mid['eps']}) | "
+                         f"{_fmt(*top['multi_step']['metric'], digits=4)} (eps {top['eps']}) |")
+    return lines
 
 
 def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
