@@ -167,6 +167,8 @@ def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_si
         epochs=4,
         lr=0.05,
         eval_eps={"absolute": [0.1, 0.3, 1.0], "layer": [0.01, 0.03, 0.1]},
+        curvature=False,  # second-order/Hessian extras cost ~20 s per eps for this ResNet on 2 cores
+        critical_kinds=("one_step", "multi_step"),
         info={"train": train_size, "test": test_size, "model": "ResNet widths (8,16,32), 1 block/stage", **_data_seed(seed)},
     )
 
