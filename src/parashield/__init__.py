@@ -4,7 +4,7 @@ Corruptions inside a budget, loss change indicators, and adversarial parameter d
 after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 """
 
-from .budget import Budget
+from .budget import Budget, Geometry
 from .checkpoint import load_checkpoint, save_checkpoint
 from .corruption import (
     CorruptionResult,
@@ -39,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "Budget",
     "CorruptionResult",
+    "Geometry",
     "GradientCorruption",
     "LayerVulnerability",
     "MultiStepCorruption",

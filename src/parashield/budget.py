@@ -385,8 +385,9 @@ class Budget:
     ) -> Tensors:
         """A random corruption on the boundary of S: uniform direction on the p-sphere, on a
         uniformly random support of size n when sparse (each layer on its own sphere when
-        ``scale="layer"``)."""
-        params = [w.detach() for w in params]
+        ``scale="layer"``). Drawn from ``generator`` on its device (CPU by default), so a seed
+        gives the same corruption on every device."""
+        params = params if isinstance(params, Geometry) else Geometry(params)
         device, dtype = params[0].device, params[0].dtype
         if isinstance(generator, int):
             generator = torch.Generator(device="cpu").manual_seed(generator)

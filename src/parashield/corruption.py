@@ -115,7 +115,7 @@ class RandomCorruption:
         may move the parameters to ``w + a`` between draws (``__call__`` does), and the next trial
         must still be relative to ``w``.
         """
-        params = [p.detach().clone() for p in objective.params]
+        params = Geometry([p.detach().clone() for p in objective.params])  # scales cached across trials
         gen = torch.Generator().manual_seed(self.seed)
         for _ in range(self.trials):
             yield self.budget.sample(params, gen)
