@@ -143,7 +143,7 @@ def digits(quick: bool = False, seed: int = 0) -> Task:
     )
 
 
-def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_size: int = 2000) -> Task:
+def fashion(quick: bool = False, seed: int = 0, train_size: int = 8000, test_size: int = 2000) -> Task:
     """Fashion-MNIST (Debian package) with a small ResNet. A seeded subset of the training images
     keeps a full run within the hour on 2 CPU cores."""
     from ..data import load_fashion_mnist
@@ -164,7 +164,7 @@ def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_si
         train_epoch=lambda gen: _batches(x_tr, y_tr, 128, gen),
         attack_data=_batches(x_tr[:512], y_tr[:512], 256),
         test_data=_batches(x_te, y_te, 500),
-        epochs=4,
+        epochs=3,
         lr=0.05,
         eval_eps={"absolute": [0.1, 0.3, 1.0], "layer": [0.01, 0.03, 0.1]},
         curvature=False,  # second-order/Hessian extras cost ~20 s per eps for this ResNet on 2 cores
