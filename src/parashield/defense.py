@@ -7,10 +7,11 @@ the gradient at w + a_t; the base optimizer then steps from the clean w with the
 g_0..g_K (``include_clean=True``) or g_1..g_K. Exactly K+1 forward/backward passes.
 
 Bookkeeping uses two parameter-sized buffers: ``w`` (so that the clean parameters come back bit for
-bit) and the gradient sum (flat, so that DDP needs one all-reduce). The corruption itself lives in
-the ``.grad`` tensors between passes: after pass t, ``.grad`` is turned in place into
+bit) and the gradient sum (flat, so that DDP needs one all-reduce). During a trajectory every
+``.grad`` is a view of one flat gradient buffer, which replaces the gradients' own memory; the
+corruption lives there between passes: after pass t the buffer is turned in place into
 ``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is recovered up to one rounding of w), the
-parameters are set to ``w + a_{t+1}``, and ``.grad`` is released (set to None) for the next pass.
+parameters are set to ``w + a_{t+1}``, and the buffer is zeroed for the next pass.
 """
 
 from __future__ import annotations
@@ -74,11 +75,18 @@ class _Workspace:
         # The budget sees whole flat buffers where its maths allows (global norms), else tensors.
         self.budget_grads = self.grad.flats if whole else self.cgrad_views
         self.budget_clean = self.clean.flats if whole else self.clean.views
+        self._flags: Optional[Tensor] = None
         self.reached = [False] * len(params)
         self.watching = [False]  # a cell the hooks share; they hold no reference to the workspace
         hooks = [p.register_post_accumulate_grad_hook(_reach_hook(self.watching, self.reached, i))
                  for i, p in enumerate(params)]
         self._finalizer = weakref.finalize(self, _remove_hooks, hooks)
+
+    def flags(self, n: int) -> Tensor:
+        """Per-pass finiteness probes, zeroed (allocated once)."""
+        if self._flags is None or self._flags.numel() != n:
+            self._flags = torch.zeros(n, dtype=torch.float64, device=self.params[0].device)
+        return self._flags.zero_()
 
     def watch(self, on: bool) -> None:
         if on:
@@ -284,7 +292,7 @@ class APD(torch.optim.Optimizer):
                 loss.backward()
             optimizer.step()   # base step from the clean w with the averaged gradient
 
-        Between passes the parameters are moved and ``.grad`` is set to None, so the body need not call
+        Between passes the parameters are moved and the gradients zeroed, so the body need not call
         ``zero_grad``. On exit (also on an exception or ``break``) the parameters are back at the
         clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
         wanted. A NaN/Inf gradient in any pass raises ``NonFiniteGradientError`` naming the pass,
@@ -297,7 +305,7 @@ class APD(torch.optim.Optimizer):
         self._ready = False
         ws = self._workspace_for(params)
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
-        flags = torch.zeros(self.steps + 1, dtype=torch.float64, device=params[0].device)
+        flags = ws.flags(self.steps + 1)
         started = restored = False
         self._in_trajectory = True
         try:
