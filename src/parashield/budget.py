@@ -61,6 +61,14 @@ def _layer_norms(ts: Sequence[Tensor], p: float) -> list[Tensor]:
     return list(torch._foreach_norm(list(ts), p))
 
 
+def _stacked_norms(ts: Sequence[Tensor], p: float) -> Tensor:
+    """Per-tensor norms as one (L,) tensor, so per-layer factors cost a few kernels, not L."""
+    norms = _layer_norms(ts, p)
+    if any(n.dtype != norms[0].dtype for n in norms):
+        norms = [n.float() for n in norms]
+    return torch.stack(norms)
+
+
 def _safe_ratio(num: Union[Tensor, float], den: Tensor) -> Tensor:
     """``num / den`` where ``den > 0``, else 0: a zero gradient gives a zero corruption."""
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
@@ -165,7 +173,7 @@ class Geometry(abc.Sequence):
     def __init__(self, params: Sequence[Tensor]) -> None:
         self.params = [w.detach() for w in params]
         self._scale: dict[float, Tensors] = {}
-        self._norms: dict[float, list[Tensor]] = {}
+        self._norms: dict[float, Tensor] = {}
 
     def __getitem__(self, i):  # type: ignore[override]
         return self.params[i]
@@ -180,9 +188,10 @@ class Geometry(abc.Sequence):
             self._scale[eta] = s
         return self._scale[eta]
 
-    def layer_norms(self, p: float) -> list[Tensor]:
+    def layer_norms(self, p: float) -> Tensor:
+        """``||w_l||_p`` of every tensor, stacked: shape (L,)."""
         if p not in self._norms:
-            self._norms[p] = _layer_norms(self.params, p)
+            self._norms[p] = _stacked_norms(self.params, p)
         return self._norms[p]
 
 
@@ -239,9 +248,10 @@ class Budget:
         geometry = params if isinstance(params, Geometry) else Geometry(params)
         return geometry.element_scale(self.eta)
 
-    def _layer_radii(self, params: Sequence[Tensor], radius: float) -> list[Tensor]:
+    def _layer_radii(self, params: Sequence[Tensor], radius: float) -> Tensor:
+        """Per-tensor radii ``radius * ||w_l||_p``, shape (L,)."""
         geometry = params if isinstance(params, Geometry) else Geometry(params)
-        return [n * radius for n in geometry.layer_norms(self.p)]
+        return geometry.layer_norms(self.p) * radius
 
     # ------------------------------------------------------------------ steepest ascent
     def steepest_(self, grads: Tensors, params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
@@ -262,12 +272,11 @@ class Budget:
             radii = self._layer_radii(params, r)
             if self.norm == "linf":
                 torch._foreach_sign_(grads)
-                torch._foreach_mul_(grads, radii)
+                torch._foreach_mul_(grads, list(radii.unbind()))
             elif self.norm == "l2":
-                norms = _layer_norms(grads, 2.0)
-                torch._foreach_mul_(grads, [_safe_ratio(rl, n) for rl, n in zip(radii, norms)])
+                torch._foreach_mul_(grads, list(_safe_ratio(radii, _stacked_norms(grads, 2.0)).unbind()))
             else:
-                for g, rl in zip(grads, radii):
+                for g, rl in zip(grads, radii.unbind()):
                     # Work on a flat copy and write back: ``reshape`` of a non-contiguous
                     # gradient is a copy, so editing it in place would be lost.
                     flat = g.reshape(-1)
@@ -313,14 +322,13 @@ class Budget:
         if self.scale == "layer":
             radii = self._layer_radii(params, r)
             if self.norm == "linf":
-                for a, rl in zip(deltas, radii):
+                for a, rl in zip(deltas, radii.unbind()):
                     a.clamp_(-rl, rl)
             elif self.norm == "l2":
-                norms = _layer_norms(deltas, 2.0)
-                factors = [torch.clamp(_safe_ratio(rl, n), max=1.0) for rl, n in zip(radii, norms)]
-                torch._foreach_mul_(deltas, factors)
+                factors = torch.clamp(_safe_ratio(radii, _stacked_norms(deltas, 2.0)), max=1.0)
+                torch._foreach_mul_(deltas, list(factors.unbind()))
             else:
-                for a, rl in zip(deltas, radii):
+                for a, rl in zip(deltas, radii.unbind()):
                     a.copy_(_project_l1_weighted(a.reshape(-1), rl, None).view_as(a))
             return deltas
         if self.sparsity is None and s is None and self.norm != "l1":
@@ -403,9 +411,8 @@ class Budget:
         out = [torch.empty_like(w) for w in params]
         _unflat_(out, direction.to(device=device, dtype=dtype))
         if self.scale == "layer":
-            norms = _layer_norms(out, self.p)
             radii = self._layer_radii(params, self.eps)
-            torch._foreach_mul_(out, [_safe_ratio(rl, n) for rl, n in zip(radii, norms)])
+            torch._foreach_mul_(out, list(_safe_ratio(radii, _stacked_norms(out, self.p)).unbind()))
             return out
         torch._foreach_mul_(out, self.eps)
         if self.scale == "element":
