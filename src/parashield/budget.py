@@ -7,7 +7,8 @@ p in {1, 2, inf} and optional n-sparsity. Scaled variants make eps scale-invaria
 * ``scale="element"``: ``||a / (|w| + eta)||_p <= eps`` (the adaptive-SAM geometry).
 
 A budget works on lists of tensors (one per selected parameter) with ``torch._foreach_*`` ops, so
-no flat copy of the model is made except where the maths needs a global order (L1 and top-n).
+no flat copy of the model is made except where the maths needs one (L1, top-n, and the
+element-scaled projection).
 Every method takes the current parameter values ``params`` because the scaled variants depend on
 them. The in-place forms (``steepest_``, ``project_``) are the core; the plain forms copy first.
 """
@@ -47,9 +48,18 @@ def _check_real(name: str, value: object, *, positive: bool = False) -> float:
     return value
 
 
+def _foreach_norm(ts: Sequence[Tensor], p: float) -> list[Tensor]:
+    """Per-tensor norms; float16/bfloat16 are reduced in float32 (a sum of squares of finite
+    half values easily overflows)."""
+    ts = list(ts)
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in ts):
+        return [torch.linalg.vector_norm(t, p, dtype=torch.float32) for t in ts]
+    return list(torch._foreach_norm(ts, p))
+
+
 def _global_norm(ts: Sequence[Tensor], p: float) -> Tensor:
     """Norm of the concatenation of ``ts`` as a 0-dim tensor (no host sync)."""
-    norms = torch.stack(torch._foreach_norm(list(ts), p))
+    norms = torch.stack(_foreach_norm(ts, p))
     if p == math.inf:
         return norms.max()
     if p == 1.0:
@@ -58,7 +68,7 @@ def _global_norm(ts: Sequence[Tensor], p: float) -> Tensor:
 
 
 def _layer_norms(ts: Sequence[Tensor], p: float) -> list[Tensor]:
-    return list(torch._foreach_norm(list(ts), p))
+    return _foreach_norm(ts, p)
 
 
 def _stacked_norms(ts: Sequence[Tensor], p: float) -> Tensor:
@@ -378,8 +388,10 @@ class Budget:
                 for n, wn in zip(_layer_norms(deltas, self.p), _layer_norms([w.detach() for w in params], self.p))
             ]
             return float(max(float(x) for x in ratios))
-        if self.scale == "element":
-            deltas = torch._foreach_div(deltas, self._element_scale(params))
+        if self.scale == "element":  # a zero scale (eta = 0, w = 0) admits only a = 0 there
+            deltas = [torch.where(sc > 0, a / sc.clamp_min(torch.finfo(sc.dtype).tiny),
+                                  torch.where(a == 0, 0.0, math.inf))
+                      for a, sc in zip(deltas, self._element_scale(params))]
         return float(_global_norm(deltas, self.p))
 
     def contains(self, deltas: Sequence[Tensor], params: Sequence[Tensor], rtol: float = 1e-5) -> bool:

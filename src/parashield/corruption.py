@@ -27,7 +27,7 @@ class CorruptionResult:
 
     ``delta`` maps parameter names to corruption tensors; ``loss_before``/``loss_after`` are the
     objective's loss at w and at w + delta; ``history`` is the loss per step (multi-step: the loss
-    at each iterate a_0..a_K; random: the loss of each trial); ``trial_losses`` only for random.
+    at each iterate a_0..a_K; random: the loss of each trial, see ``trial_changes``).
     """
 
     delta: dict[str, Tensor]

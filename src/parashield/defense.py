@@ -28,12 +28,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._checks import check_budget, check_count, step_size_or_default
 from .budget import Budget, Geometry
+from .budget import _foreach_norm as foreach_norm
 
 Tensors = list[Tensor]
 
 
 class _FlatBuffer:
-    """One contiguous buffer per (device, dtype) with views shaped like ``tensors``."""
+    """One contiguous buffer per (device, dtype) with views shaped like ``tensors``, with the same
+    strides where a tensor is dense (transposed, channels_last), so that gradients bound to them
+    have the layout autograd would give and fused optimizers read the right elements."""
 
     def __init__(self, tensors: Tensors) -> None:
         groups: dict[tuple, list[int]] = {}
@@ -47,7 +50,8 @@ class _FlatBuffer:
             offset = 0
             for i in idx:
                 n = tensors[i].numel()
-                self.views[i] = flat[offset : offset + n].view_as(tensors[i])
+                t = tensors[i]
+                self.views[i] = flat[offset : offset + n].as_strided(t.shape, torch.empty_like(t).stride())
                 offset += n
 
 
@@ -56,7 +60,9 @@ class _Workspace:
     ``gsum`` (the gradient sum) and ``grad``, a flat buffer that every ``.grad`` is a view of
     during a trajectory, so that backward accumulates into it in place and each bookkeeping
     operation is one kernel over the whole buffer instead of one per tensor. ``grad`` replaces
-    the gradients' own memory: the extra memory is ``clean`` and ``gsum``.
+    the gradients' own memory (gradients put elsewhere, e.g. after the user set ``.grad`` to None,
+    are copied in): the extra memory is ``clean`` and ``gsum``. A ``.grad`` tensor kept from an
+    earlier step is overwritten by the next trajectory; clone it to keep it.
 
     A post-accumulate-grad hook records which parameters the clean pass reached, so that
     parameters without a gradient keep ``.grad = None`` as under ``zero_grad(set_to_none=True)``.
@@ -64,7 +70,7 @@ class _Workspace:
 
     def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
         self.params = params
-        self.key = tuple(id(p) for p in params)
+        self.key = _workspace_key(params)
         self.corrupted = [p for p in params if corrupt_ids is None or id(p) in corrupt_ids]
         index = {id(p): i for i, p in enumerate(params)}
         self.clean = _FlatBuffer(self.corrupted)
@@ -102,19 +108,50 @@ class _Workspace:
                 p.grad = v
 
     def collect_grads(self) -> None:
-        """After a pass: copy any gradient that autograd put elsewhere (e.g. after the user set
-        ``.grad`` to None) into the buffer, and bind it."""
-        for p, v in zip(self.params, self.grad.views):
+        """After a pass: copy any gradient that was put elsewhere (the user set ``.grad`` to None,
+        or assigned it directly) into the buffer, bind it, and count its parameter as reached."""
+        for i, (p, v) in enumerate(zip(self.params, self.grad.views)):
             g = p.grad
             if g is None:
                 v.zero_()
                 p.grad = v
-            elif g.data_ptr() != v.data_ptr():
+            elif g.data_ptr() != v.data_ptr() or g.dtype != v.dtype:
                 v.copy_(g)
                 p.grad = v
+                if self.watching[0]:
+                    self.reached[i] = True
+
+    def intact(self) -> bool:
+        """False once something (``model.to(...)``, ``.double()``) moved a bound gradient view
+        off the buffer: then the workspace is rebuilt."""
+        ptrs = {f.untyped_storage().data_ptr() for f in self.grad.flats}
+        return all(v.untyped_storage().data_ptr() in ptrs for v in self.grad.views)
 
     def close(self) -> None:
         self._finalizer()
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _corrupt_ids(corrupt: object, groups: list) -> set:
+    """Validate ``corrupt=``: a non-empty iterable of parameters this optimizer holds."""
+    if isinstance(corrupt, (str, bytes, nn.Module, Tensor)):
+        raise TypeError(f"corrupt must be None or an iterable of the optimizer's parameters, got {type(corrupt).__name__}")
+    items = list(corrupt)
+    if not items or not all(isinstance(p, Tensor) for p in items):
+        raise ValueError("corrupt must be None or a non-empty iterable of the optimizer's parameters")
+    held = {id(p) for group in groups for p in group["params"]}
+    if any(id(p) not in held for p in items):
+        raise ValueError("corrupt names parameters that this optimizer does not hold")
+    return {id(p) for p in items}
+
+
+def _workspace_key(params: Tensors) -> tuple:
+    return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
 
 def _reach_hook(watching: list, reached: list, i: int) -> Callable[[Tensor], None]:
@@ -236,7 +273,7 @@ class APD(torch.optim.Optimizer):
         self.corruption = corruption
         self.distributed = distributed
         self.model = model
-        self._corrupt_ids = None if corrupt is None else {id(p) for p in corrupt}
+        self._corrupt_ids = None if corrupt is None else _corrupt_ids(corrupt, self.param_groups)
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: Optional[_Workspace] = None
         self._in_trajectory = False
@@ -252,7 +289,7 @@ class APD(torch.optim.Optimizer):
 
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = self._workspace
-        if ws is None or ws.key != tuple(id(p) for p in params):
+        if ws is None or ws.key != _workspace_key(params) or not ws.intact():
             if ws is not None:
                 ws.close()
             ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
@@ -263,6 +300,11 @@ class APD(torch.optim.Optimizer):
         workspace buffer (so that backward accumulates in place) instead of becoming None."""
         if self._in_trajectory and self._workspace is not None:
             self._workspace.bind_grads()
+            bound = {id(p) for p in self._workspace.params}
+            for group in self.param_groups:  # e.g. frozen since the last step
+                for p in group["params"]:
+                    if id(p) not in bound:
+                        p.grad = None
         else:
             super().zero_grad(set_to_none)
 
@@ -293,8 +335,8 @@ class APD(torch.optim.Optimizer):
             optimizer.step()   # base step from the clean w with the averaged gradient
 
         Between passes the parameters are moved and the gradients zeroed, so the body need not call
-        ``zero_grad``. On exit (also on an exception or ``break``) the parameters are back at the
-        clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
+        ``zero_grad``. On exit (also on an exception or ``break`` in a ``for`` loop; a generator kept
+        in a variable restores when it is closed) the parameters are back at the clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
         wanted. A NaN/Inf gradient in any pass raises ``NonFiniteGradientError`` naming the pass,
         unless a ``GradScaler`` is given, in which case the gradient is left non-finite so that
         ``scaler.step(optimizer)`` skips the step (fp16 recipe, see README).
@@ -309,14 +351,14 @@ class APD(torch.optim.Optimizer):
         started = restored = False
         self._in_trajectory = True
         try:
-            ws.bind_grads()
+            self.zero_grad()  # inside the trajectory: binds the workspace, clears frozen parameters
             ws.watch(True)
             for t in range(self.steps + 1):
                 with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
                     yield t
                 with torch.no_grad():
-                    ws.watch(False)
                     ws.collect_grads()
+                    ws.watch(False)
                     if t == 0:
                         if not any(ws.reached) and not any(bool(f.any()) for f in ws.grad.flats):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
@@ -324,7 +366,7 @@ class APD(torch.optim.Optimizer):
                         ws.geometry = Geometry(ws.budget_clean)  # scales of this step's w, once
                         started = True
                     grads = ws.grad.flats
-                    flags[t] = torch.stack(torch._foreach_norm(grads)).to(flags).sum()
+                    flags[t] = torch.stack(foreach_norm(grads, 2.0)).to(flags).sum()
                     if t == 0 if self.include_clean else t == 1:
                         torch._foreach_copy_(ws.gsum.flats, grads)
                     elif t > 0:
@@ -345,9 +387,10 @@ class APD(torch.optim.Optimizer):
                         dist.all_reduce(flat, group=self.model.process_group)
                 for g, total in zip(ws.grad.flats, ws.gsum.flats):
                     torch.mul(total, 1.0 / count, out=g)
-                for p, reached in zip(params, ws.reached):
-                    if not reached:  # no gradient in the clean pass: None, as plain training leaves it
-                        p.grad = None
+                if not _distributed():  # under DDP every replica must step the same parameters
+                    for p, reached in zip(params, ws.reached):
+                        if not reached:  # no gradient in the clean pass: None, as plain training leaves it
+                            p.grad = None
                 if scaler is None:
                     bad = torch.nonzero(~torch.isfinite(flags))
                     if bad.numel():  # the step's single host sync

@@ -4,7 +4,8 @@ parameters (SPEC section 1).
 ``Objective.probe()`` is the one place where the model is touched: it puts the model in eval mode
 (or keeps train mode on request), saves the selected parameters once, and on exit restores
 parameters, buffers, ``.grad``, modes and ``requires_grad`` flags exactly as found, also when an
-exception or KeyboardInterrupt escapes. Gradients are taken with ``torch.autograd.grad``, so the
+exception or KeyboardInterrupt escapes (buffers are snapshot and restored when
+``train_mode=True``, the only mode in which a forward pass changes them). Gradients are taken with ``torch.autograd.grad``, so the
 user's ``.grad`` fields are never written.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .budget import _foreach_norm as foreach_norm
 from .selection import ParamSpec, select_parameters
 
 Tensors = list[Tensor]
@@ -180,6 +182,20 @@ class Objective:
             return float(loss), grads
 
 
+def _own_memory(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> Tensors:
+    """Gradients that each own their memory: autograd may return one tensor for two parameters
+    (``a + b``) or an expanded stride-0 tensor (``w.sum()``), and callers modify them in place."""
+    out, seen = [], set()
+    for g, p in zip(grads, params):
+        if g is None:
+            g = torch.zeros_like(p)
+        elif 0 in g.stride() or g.data_ptr() in seen:
+            g = g.clone(memory_format=torch.contiguous_format)
+        seen.add(g.data_ptr())
+        out.append(g)
+    return out
+
+
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap parameters."""
 
@@ -244,26 +260,26 @@ class Probe:
         a NaN/Inf loss or gradient raises NonFiniteLossError, without it the loss is returned
         as +inf when either is not finite (a corrupted model whose loss overflowed)."""
         total, count, acc, batches = None, 0, None, 0
-        for loss, n in self._losses(data):
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
-            term = loss.detach().double() * n
-            if acc is None:  # one batch: its gradient as it is, no scaling passes
-                acc, total = grads, term
-            else:
-                if batches == 1 and count != 1:
-                    torch._foreach_mul_(acc, float(count))
-                torch._foreach_add_(acc, grads, alpha=float(n))
-                total = total + term
-            count += n
-            batches += 1
+        with torch.enable_grad():  # also inside the caller's no_grad(), as evaluation code often is
+            for loss, n in self._losses(data):
+                grads = _own_memory(torch.autograd.grad(loss, self.params, allow_unused=True), self.params)
+                term = loss.detach().double() * n
+                if acc is None:  # one batch: its gradient as it is, no scaling passes
+                    acc, total = grads, term
+                else:
+                    if batches == 1 and count != 1:
+                        torch._foreach_mul_(acc, float(count))
+                    torch._foreach_add_(acc, grads, alpha=float(n))
+                    total = total + term
+                count += n
+                batches += 1
         if acc is None:
             raise ValueError("data yielded no batch")
         if batches > 1:
             torch._foreach_div_(acc, float(count))
         loss = total / count
         # One host sync for both checks: an infinite gradient norm turns the sum into NaN/Inf.
-        probe_value = loss + torch.stack(torch._foreach_norm(acc)).sum().double()
+        probe_value = loss + torch.stack(foreach_norm(acc, 2.0)).to(loss).sum()
         if check:
             check_finite(probe_value, "loss or gradient")
         elif not math.isfinite(float(probe_value)):
@@ -306,21 +322,21 @@ class Probe:
         """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""
         acc, count = None, 0
         vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params)]
-        for loss, n in self._losses(data):
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-            pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]
-            dot = sum((g * v).sum() for g, v in pairs)
-            if not isinstance(dot, Tensor) or not dot.requires_grad:
-                hv = [torch.zeros_like(p) for p in self.params]
-            else:
-                hv = torch.autograd.grad(dot, self.params, allow_unused=True)
-                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, self.params)]
-            if acc is None:
-                acc = hv
-                torch._foreach_mul_(acc, float(n))
-            else:
-                torch._foreach_add_(acc, hv, alpha=float(n))
-            count += n
+        with torch.enable_grad():
+            for loss, n in self._losses(data):
+                grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]
+                dot = sum((g * v).sum() for g, v in pairs)
+                if not isinstance(dot, Tensor) or not dot.requires_grad:
+                    hv = [torch.zeros_like(p) for p in self.params]
+                else:
+                    hv = _own_memory(torch.autograd.grad(dot, self.params, allow_unused=True), self.params)
+                if acc is None:
+                    acc = hv
+                    torch._foreach_mul_(acc, float(n))
+                else:
+                    torch._foreach_add_(acc, hv, alpha=float(n))
+                count += n
         if acc is None:
             raise ValueError("data yielded no batch")
         torch._foreach_div_(acc, float(count))
