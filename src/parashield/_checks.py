@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 from .budget import Budget
 
 

@@ -38,13 +38,12 @@ def _canonical_norm(norm: Union[str, int, float]) -> str:
     return {1.0: "l1", 2.0: "l2", math.inf: "linf"}[_NORMS[key]]
 
 
-def _check_real(name: str, value: object, *, positive: bool = False) -> float:
+def _check_real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        kind = "positive" if positive else "non-negative"
-        raise ValueError(f"{name} must be a finite {kind} number, got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
     return value
 
 

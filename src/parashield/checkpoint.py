@@ -17,9 +17,10 @@ from torch import nn
 def rng_state() -> dict[str, Any]:
     """The states of Python's, NumPy's, torch's (and CUDA's) global generators."""
     np_state = np.random.get_state()
+    py_version, py_keys, py_gauss = random.getstate()
     state = {
-        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
-        "python_version": random.getstate()[0],
+        "python": list(py_keys) + [-1 if py_gauss is None else py_gauss],
+        "python_version": py_version,
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": np_state[2],
                   "has_gauss": np_state[3], "cached_gaussian": np_state[4]},
         "torch": torch.get_rng_state(),

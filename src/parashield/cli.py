@@ -63,8 +63,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _objective_from_checkpoint(args: argparse.Namespace):
-    import torch
-
     from . import Objective, load_checkpoint
 
     task = _load_task(args.task)

@@ -487,7 +487,6 @@ class OneStepDefense(APD):
     the clean gradient and the gradient at the one-step corruption."""
 
     def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, **kwargs: Any) -> None:
-        kwargs.setdefault("step_size", None)
         super().__init__(params, base_optimizer, budget=budget, steps=1, include_clean=True, **kwargs)
 
 

@@ -69,15 +69,14 @@ class _FlatHessian:
 
     def __init__(self, probe: Probe, scale: Optional[Tensor] = None) -> None:
         self.probe = probe
-        self.shapes = [torch.empty_like(p) for p in probe.clean]
+        self.params = probe.clean
+        self.sizes = [p.numel() for p in self.params]
         self.scale = scale
-        self.calls = 0
 
     def __call__(self, v: Tensor) -> Tensor:
-        self.calls += 1
         x = v if self.scale is None else v * self.scale
-        parts = [torch.empty_like(p) for p in self.shapes]
-        _unflat_(parts, x.to(self.shapes[0].dtype))
+        x = x.to(self.params[0].dtype)  # one copy; the parts are views of it
+        parts = [t.view_as(p) for t, p in zip(x.split(self.sizes), self.params)]
         hv = _flat(self.probe.hvp(parts)).double()
         return hv if self.scale is None else hv * self.scale
 

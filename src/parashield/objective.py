@@ -150,9 +150,6 @@ class Objective:
         data = self.data if data is None else data
         return [data] if is_single_batch(data) else data
 
-    def zeros(self) -> Tensors:
-        return [torch.zeros_like(p) for p in self.params]
-
     @contextmanager
     def probe(self) -> Iterator["Probe"]:
         """Context in which the parameters can be moved to ``w + a`` and the loss, gradient and

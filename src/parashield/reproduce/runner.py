@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -144,8 +144,8 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
             with corrupted(model, dict(zip(attack.names, delta))):
                 losses.append(test.loss())
                 metrics.append(_metric(task, model))
-        row["random"] = {"loss": _mean(losses), "loss_std": _std(losses), "metric": _mean(metrics),
-                         "metric_std": _std(metrics)}
+        (loss_mean, loss_std), (metric_mean, metric_std) = _spread(losses), _spread(metrics)
+        row["random"] = {"loss": loss_mean, "loss_std": loss_std, "metric": metric_mean, "metric_std": metric_std}
         indicators = {"first_order": loss_change(attack, budget, "first_order")}
         for kind, corr in (("one_step", GradientCorruption(budget)),
                            ("multi_step", MultiStepCorruption(budget, steps=task.multi_steps))):
@@ -182,13 +182,9 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     return out
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _std(xs: list[float]) -> float:
-    m = _mean(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / max(len(xs) - 1, 1))
+def _spread(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def run(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> dict:
