@@ -19,7 +19,7 @@ from parashield.cli import build_parser, main
 from parashield.data import INSTALL_COMMANDS, MissingDataError
 from parashield.reproduce import METHODS, TASKS, run
 
-SUBCOMMANDS = ("reproduce", "attack", "indicators")
+SUBCOMMANDS = ("reproduce", "attack", "indicators", "landscape")
 
 
 def _digits(**kw):
@@ -101,8 +101,8 @@ def test_missing_data_names_the_install_command(task, command, tmp_path, monkeyp
     key = _missing(monkeypatch, tmp_path, task)
     with pytest.raises(MissingDataError):  # the loader itself
         TASKS[task]()
-    argv = [command, "--task", task] + (["--out", str(tmp_path / "out")] if command == "reproduce"
-                                        else ["--checkpoint", str(tmp_path / "model.pt")])
+    argv = [command, "--task", task] + (["--out", str(tmp_path / "out")] if command in ("reproduce", "landscape") else [])
+    argv += ["--checkpoint", str(tmp_path / "model.pt")] if command != "reproduce" else []
     with pytest.raises(SystemExit) as exc:
         main(argv)
     msg = error_text(exc)

@@ -468,3 +468,30 @@ def test_perplexity_overflow_is_inf():
     assert perplexity(Confident(), [(x, y)]) == math.inf
     Confident.forward = lambda self, x: (torch.zeros(*x.shape, 3), None)  # uniform: perplexity 3
     assert perplexity(Confident(), [(x, y)]) == pytest.approx(3.0)
+
+
+# ------------------------------------------------------------------------------ bit flips
+@pytest.mark.parametrize("name", ["digits", "bbc", "fashion"])
+def test_bitflip_experiments_are_cached_and_reported(name, tmp_path, monkeypatch):
+    from parashield.reproduce import faults
+
+    task = tiny(name)
+    assert task.bitflips and task.bitflips["search_flips"] == 2  # shrink() keeps them tiny
+    result = run(task, ("plain", "apd2", "sam"), 1, tmp_path)
+    partial = faults.run_bitflips(task, ("apd2", "sam"), 2, tmp_path)  # apd2: not a flip method; seed 1: not trained
+    assert [(r["method"], r["seed"]) for r in partial] == [("sam", 0)]
+    flips = faults.run_bitflips(task, ("plain", "sam"), 1, tmp_path)
+    assert [(r["method"], r["seed"]) for r in flips] == [("plain", 0), ("sam", 0)]
+    for r in flips:
+        hist = r["search"]["metric_history"]
+        assert 2 <= len(hist) <= 3 and len(r["search"]["flips"]) == len(hist) - 1
+        assert hist[0] == r["quantized_metric"] and [x["flips"] for x in r["random"]] == [1]
+        assert (r["search"]["flips_to_halve"] is None) == (min(hist) > hist[0] / 2)
+    assert json.loads((tmp_path / "runs" / name / "plain" / "seed0" / "bitflips.json").read_text()) == json.loads(json.dumps(flips[0]))
+    monkeypatch.setattr(faults, "flip_evaluate", lambda *a: pytest.fail("cached flip results were recomputed"))
+    assert faults.run_bitflips(task, ("plain", "sam"), 1, tmp_path) == json.loads(json.dumps(flips))
+    result["bitflips"] = flips
+    report = write_report({"tasks": {name: result}}, tmp_path / "report")
+    text = report.read_text()
+    assert "under bit flips (int8 weights" in text and "searched flips to halve" in text
+    assert (tmp_path / "report" / f"{name}_bitflips.png").read_bytes().startswith(PNG_MAGIC)

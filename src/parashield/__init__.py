@@ -4,6 +4,7 @@ Corruptions inside a budget, loss change indicators, and adversarial parameter d
 after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 """
 
+from .bitflip import BitFlipResult, FlipBudget, ProgressiveBitSearch, RandomBitFlip
 from .budget import Budget, Geometry
 from .checkpoint import load_checkpoint, save_checkpoint
 from .corruption import (
@@ -24,7 +25,9 @@ from .indicators import (
     layer_vulnerability,
     loss_change,
 )
+from .landscape import corruption_direction, loss_line, loss_surface, random_direction
 from .objective import NonFiniteLossError, Objective
+from .quantization import Int8Quantization, quantize_
 from .selection import select_parameters
 
 __version__ = "0.1.0"
@@ -37,22 +40,32 @@ __all__ = [
     "RandomWeightPerturbation",
     "load_checkpoint",
     "save_checkpoint",
+    "BitFlipResult",
     "Budget",
     "CorruptionResult",
+    "FlipBudget",
     "Geometry",
     "GradientCorruption",
+    "Int8Quantization",
     "LayerVulnerability",
     "MultiStepCorruption",
     "NonFiniteLossError",
     "Objective",
+    "ProgressiveBitSearch",
+    "RandomBitFlip",
     "RandomCorruption",
     "RandomCorruptionResult",
     "corrupted",
+    "corruption_direction",
     "critical_eps",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "layer_vulnerability",
     "loss_change",
+    "loss_line",
+    "loss_surface",
     "make_corruption",
+    "quantize_",
+    "random_direction",
     "select_parameters",
 ]

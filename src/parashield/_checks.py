@@ -15,6 +15,12 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_vectorize(value: object) -> object:
+    if value not in (True, False, "auto") or isinstance(value, int) and not isinstance(value, bool):
+        raise ValueError(f"vectorize must be True, False or 'auto', got {value!r}")
+    return value
+
+
 def check_budget(budget: object) -> Budget:
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a parashield.Budget, got {type(budget).__name__}")

@@ -1,9 +1,10 @@
-"""Command line: ``parashield reproduce | attack | indicators``."""
+"""Command line: ``parashield reproduce | attack | indicators | landscape``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import torch
 
     from .reproduce import METHODS, QUICK_METHODS, run, write_report
+    from .reproduce.faults import run_bitflips
 
     if args.threads is not None:
         if args.threads < 1:
@@ -54,6 +56,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         task = _load_task(name, quick=args.quick)
         t0 = time.perf_counter()
         results["tasks"][name] = run(task, methods, args.seeds, out)
+        if task.bitflips:
+            results["tasks"][name]["bitflips"] = run_bitflips(task, methods, args.seeds, out)
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
     report = write_report(results, out)
@@ -127,6 +131,79 @@ def cmd_indicators(args: argparse.Namespace) -> int:
     return 0
 
 
+def _landscape_alphas(span: float, points: int) -> list[float]:
+    """``points`` values over [-span, span] (an even count is raised by one), symmetric, with
+    0 exactly in the middle so that w itself is on the grid."""
+    import torch
+
+    half = torch.linspace(0.0, span, points // 2 + 1, dtype=torch.float64)
+    return torch.cat([-half[1:].flip(0), half]).tolist()
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from . import Budget
+    from .landscape import CORRUPTION_KINDS, corruption_direction, loss_line, loss_surface, plot_line, plot_surface, random_direction
+
+    kinds = args.directions.split(",")
+    unknown = [k for k in kinds if k not in CORRUPTION_KINDS]
+    if unknown:
+        raise SystemExit(f"parashield: error: unknown direction kind(s) {', '.join(map(repr, unknown))}; "
+                         f"choose from {', '.join(CORRUPTION_KINDS)}")
+    for name, value in (("--points", args.points), ("--surface-points", args.surface_points)):
+        if value < 3:
+            raise SystemExit(f"parashield: error: {name} must be >= 3, got {value}")
+    for name, value in (("--eps", args.eps), ("--span", args.span)):
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"parashield: error: {name} must be a finite number > 0, got {value}")
+    task, model, attack = _objective_from_checkpoint(args)
+    budget = Budget("l2", args.eps, scale="layer")
+    directions: dict = {}
+
+    def direction(kind: str) -> list:
+        """The corruption direction of ``kind`` (computed once): layer-relative radius eps."""
+        if kind not in directions:
+            kw = {"seed": args.seed} if kind == "random" else {}
+            directions[kind] = corruption_direction(attack, kind, budget, **kw)
+        return directions[kind]
+
+    def filter_random(seed: int) -> list:
+        """A filter-normalized random direction scaled by eps: per layer as large as the budget."""
+        return [args.eps * d for d in random_direction(attack, seed=seed)]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    alphas = _landscape_alphas(args.span, args.points)
+    clean = attack.loss()
+    lines = {kind: loss_line(attack, direction(kind), alphas).tolist() for kind in kinds}
+    result: dict = {"task": args.task, "checkpoint": str(args.checkpoint), "eps": args.eps, "span": args.span,
+                    "seed": args.seed, "clean_loss": clean,
+                    "lines": {"directions": kinds, "alphas": alphas, "losses": lines}, "surface": None}
+    print(f"clean loss {clean:.5g}")
+    for kind, losses in lines.items():
+        print(f"  {kind:<10} loss at alpha=-{args.span:g}: {losses[0]:.5g}, at alpha={args.span:g}: {losses[-1]:.5g}")
+    if args.surface != "none":
+        if args.surface == "random":
+            d1, d2, names = filter_random(args.seed), filter_random(args.seed + 1), ["random", "random"]
+        else:
+            d1, d2, names = direction("multi_step"), filter_random(args.seed), ["multi_step", "random"]
+        grid = _landscape_alphas(args.span, args.surface_points)
+        losses = loss_surface(attack, d1, d2, grid, grid)
+        result["surface"] = {"kind": args.surface, "directions": names, "alphas": grid, "betas": grid,
+                             "losses": losses.tolist()}
+    (out / "landscape.json").write_text(json.dumps(result, indent=1))
+    written = [out / "landscape.json"]
+    try:
+        written.append(plot_line(out / "landscape_lines.png", alphas, lines, clean,
+                                 title=f"{args.task}: loss along corruption directions (eps={args.eps:g})"))
+        if result["surface"] is not None:
+            written.append(plot_surface(out / "landscape_surface.png", grid, grid, losses, labels=names,
+                                        title=f"{args.task}: {args.surface} plane (eps={args.eps:g})"))
+    except ImportError as exc:
+        print(f"parashield: no plots: {exc}", file=sys.stderr)
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="parashield", description="Parameter corruption, loss change indicators and adversarial parameter defense.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated indicators (default: all of first_order, second_order, random, one_step, multi_step)")
     i.add_argument("--curvature", action="store_true", help="also the top Hessian eigenvalue and trace")
     i.set_defaults(func=cmd_indicators)
+
+    ls = sub.add_parser("landscape", help="plot the loss of a saved model on lines and a plane through its parameters")
+    ls.add_argument("--task", required=True, help="the task whose model, loss and data the checkpoint belongs to")
+    ls.add_argument("--checkpoint", required=True, help="a train.pt written by 'parashield reproduce'")
+    ls.add_argument("--out", required=True,
+                    help="output folder (created): landscape_lines.png, landscape_surface.png, landscape.json")
+    ls.add_argument("--directions", default="random,one_step,multi_step",
+                    help="comma-separated corruption kinds to draw lines along (default: random,one_step,multi_step)")
+    ls.add_argument("--eps", type=float, default=0.05,
+                    help="layer-relative L2 radius of the directions: alpha=1 is a corruption of this size (default 0.05)")
+    ls.add_argument("--points", type=int, default=21,
+                    help="points per line, >= 3; an even number is raised by one so that w is on the grid (default 21)")
+    ls.add_argument("--span", type=float, default=2.0, help="alpha (and beta) run over [-span, span] (default 2)")
+    ls.add_argument("--surface", default="random", choices=["random", "adversarial", "none"],
+                    help="plane through w: two filter-normalized random directions (random), the multi-step "
+                         "corruption and a random direction (adversarial), or none (default random)")
+    ls.add_argument("--surface-points", type=int, default=11,
+                    help="points per axis of the plane, >= 3, raised to odd like --points (default 11)")
+    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
+    ls.set_defaults(func=cmd_landscape)
     return p
 
 

@@ -4,9 +4,7 @@ and ``corrupted``, the context manager that applies one and restores the model b
 
 from __future__ import annotations
 
-import itertools
 import math
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -14,7 +12,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, step_size_or_default
+from ._checks import check_budget, check_count, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
 from .objective import Objective, Probe, check_finite, overflow_to_inf
 
@@ -28,6 +26,8 @@ class CorruptionResult:
     ``delta`` maps parameter names to corruption tensors; ``loss_before``/``loss_after`` are the
     objective's loss at w and at w + delta; ``history`` is the loss per step (multi-step: the loss
     at each iterate a_0..a_K; random: the loss of each trial, see ``trial_changes``).
+    ``values``, where set, are the exact corrupted parameters, applied instead of ``w + delta``
+    (bit flips, whose result is not always representable as a float sum).
     """
 
     delta: dict[str, Tensor]
@@ -37,6 +37,7 @@ class CorruptionResult:
     method: str
     history: list[float] = field(default_factory=list)
     passes: int = 0
+    values: Optional[dict[str, Tensor]] = None
 
     @property
     def loss_change(self) -> float:
@@ -102,10 +103,8 @@ class RandomCorruption:
         self.trials = check_count("trials", trials)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        if vectorize not in (True, False, "auto"):
-            raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
         self.seed = seed
-        self.vectorize = vectorize
+        self.vectorize = check_vectorize(vectorize)
         self.chunk_size = check_count("chunk_size", chunk_size)
 
     def samples(self, objective: Objective) -> Iterator[Tensors]:
@@ -121,28 +120,11 @@ class RandomCorruption:
             yield self.budget.sample(params, gen)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
-        batched = self.vectorize is True or (self.vectorize == "auto" and not objective.train_mode)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             losses, worst, worst_loss = [], None, -math.inf
-            samples = self.samples(objective)
-            while chunk := list(itertools.islice(samples, self.chunk_size)):
-                values = None
-                if batched:
-                    try:
-                        values = pr.losses(chunk).tolist()
-                    except (RuntimeError, NotImplementedError) as exc:
-                        if self.vectorize is True:
-                            raise
-                        warnings.warn(f"random trials fall back to one evaluation per trial: vmap failed ({exc})")
-                        batched = False
-                if values is None:
-                    values = []
-                    for delta in chunk:
-                        pr.set(delta)
-                        values.append(pr.loss())
-                    pr.set(None)
-                for delta, value in zip(chunk, values):
+            for chunk, values in pr.losses_of(self.samples(objective), self.vectorize, self.chunk_size, "random trials"):
+                for delta, value in zip(chunk, values.tolist()):
                     loss = overflow_to_inf(value)
                     losses.append(loss)
                     if loss > worst_loss:
@@ -287,7 +269,11 @@ def corrupted(
     """Apply a corruption (a result or ``{name: delta}``) to ``model``'s parameters in place, and
     restore every touched parameter bit for bit on exit (exceptions and KeyboardInterrupt too).
     """
-    delta = corruption.delta if isinstance(corruption, CorruptionResult) else corruption
+    exact = isinstance(corruption, CorruptionResult) and corruption.values is not None
+    if isinstance(corruption, CorruptionResult):
+        delta = corruption.values if exact else corruption.delta
+    else:
+        delta = corruption
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
     named = dict(model.named_parameters())
@@ -301,7 +287,8 @@ def corrupted(
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
-            torch._foreach_add_(params, [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)])
+            moved = [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)]
+            (torch._foreach_copy_ if exact else torch._foreach_add_)(params, moved)
         yield model
     finally:
         with torch.no_grad():

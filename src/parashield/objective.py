@@ -11,7 +11,9 @@ user's ``.grad`` fields are never written.
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Optional, Sequence, Union
@@ -314,6 +316,34 @@ class Probe:
         if total is None:
             raise ValueError("data yielded no batch")
         return total / count
+
+    def losses_of(self, deltas: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
+                  chunk_size: int = 32, what: str = "points") -> Iterator[tuple[list, Tensor]]:
+        """Losses at ``w + a`` for a stream of corruptions, ``chunk_size`` at a time: yields
+        ``(chunk, losses)`` with ``losses`` 1-D float64. ``vectorize``: ``True`` evaluates every
+        chunk with :meth:`losses` (vmap), ``False`` one corruption at a time (apply, evaluate,
+        restore), ``"auto"`` vmap in eval mode, falling back to the loop with one warning where
+        the model cannot be vmapped. The parameters are back at w after each chunk."""
+        batched = vectorize is True or (vectorize == "auto" and not self.objective.train_mode)
+        deltas = iter(deltas)
+        while chunk := list(itertools.islice(deltas, chunk_size)):
+            values = None
+            if batched:
+                try:
+                    values = self.losses(chunk)
+                except (RuntimeError, NotImplementedError) as exc:
+                    if vectorize is True:
+                        raise
+                    warnings.warn(f"{what} fall back to one evaluation each: vmap failed ({exc})")
+                    batched = False
+            if values is None:
+                values = []
+                for delta in chunk:
+                    self.set(delta)
+                    values.append(self.loss())
+                self.set(None)
+                values = torch.stack(values)
+            yield chunk, values
 
     def hvp(self, vectors: Sequence[Tensor], data: Any = None) -> Tensors:
         """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""

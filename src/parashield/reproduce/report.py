@@ -33,6 +33,8 @@ def _fmt(m: float, s: Optional[float] = None, digits: int = 3) -> str:
         return "n/a"
     if math.isinf(m):
         return "inf" if m > 0 else "-inf"
+    if abs(m) >= 1e6:  # an exploded perplexity or loss: fixed point would print dozens of digits
+        return f"{m:.3e}" if s is None else f"{m:.3e} ± {s:.2e}"
     text = f"{m:.{digits}f}"
     return text if s is None else f"{text} ± {s:.{digits}f}"
 
@@ -139,6 +141,9 @@ def write_report(results: dict, out: Path) -> Path:
         lines += [f"![{name}: metric vs eps]({name}_metric_vs_eps.png)", "",
                   f"![{name}: first-order indicator vs measured loss change]({name}_indicator.png)", "",
                   f"![{name}: per-layer vulnerability]({name}_layers.png)", ""]
+        if tr.get("bitflips"):
+            _bitflip_plot(name, tr, out)
+            lines += [f"![{name}: {tr['config']['metric_name']} under bit flips]({name}_bitflips.png)", ""]
     headline = summary_table(results)
     lines[4:4] = ["## Summary", "", *headline, ""]
     write_json(out / "results.json", results)
@@ -208,6 +213,8 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
               f"{'plain' if 'plain' in summary else next(iter(summary))})", "", "| layer | size | indicator |", "|---|---|---|"]
     for row in plain["layers"][:12]:
         lines.append(f"| {row['name']} | {row['numel']} | {row['value']:.5f} |")
+    if tr.get("bitflips"):
+        lines += _bitflip_markdown(tr)
     lines += ["", "### Findings", ""]
     if not tr["findings"]:
         lines.append("- not decided: findings 1-3 need the plain method, finding 4 plain and an APD method")
@@ -273,4 +280,86 @@ def _plots(name: str, tr: dict, summary: dict, out: Path) -> None:
     ax.set_xlabel("first-order indicator (layer corrupted alone)")
     fig.tight_layout()
     fig.savefig(out / f"{name}_layers.png", dpi=110)
+    plt.close(fig)
+
+
+def bitflip_summary(tr: dict) -> dict:
+    """Per method, over seeds: int8 clean metric, metric under each random flip count, searched
+    flips needed to halve the metric (seeds where the budget did not suffice are counted
+    apart) and the metric after 5, 10 and 20 searched flips."""
+    out: dict = {}
+    for m in dict.fromkeys(r["method"] for r in tr["bitflips"]):
+        runs = [r for r in tr["bitflips"] if r["method"] == m]
+        halves = [r["search"]["flips_to_halve"] for r in runs]
+
+        def after(n: int) -> tuple[float, float]:  # a search stopped at the target keeps its last value
+            return _stats([r["search"]["metric_history"][min(n, len(r["search"]["metric_history"]) - 1)] for r in runs])
+
+        out[m] = {"seeds": len(runs), "quantized": _stats([r["quantized_metric"] for r in runs]),
+                  "random": {row["flips"]: _stats([x for r in runs for x in r["random"][i]["metrics"]])
+                             for i, row in enumerate(runs[0]["random"])},
+                  "flips_to_halve": _stats([h for h in halves if h is not None]),
+                  "halved": sum(h is not None for h in halves), "after": {n: after(n) for n in (5, 10, 20)},
+                  "budget": max(len(r["search"]["metric_history"]) - 1 for r in runs)}
+    return out
+
+
+def _bitflip_markdown(tr: dict) -> list[str]:
+    summary = tr["bitflip_summary"] = bitflip_summary(tr)
+    metric = tr["config"]["metric_name"]
+    counts = list(next(iter(summary.values()))["random"])
+    lines = ["", f"### {metric} under bit flips (int8 weights, per-channel scales)", "",
+             f"Random: n bits flipped uniformly over all int8 weight bits (mean ± std over seeds × draws). Searched: "
+             f"progressive bit search on one training batch, stopping when {metric} falls to half its int8 value.", "",
+             "| method | int8 clean | " + " | ".join(f"random {n}" for n in counts)
+             + " | searched flips to halve | after 5 searched | after 10 | after 20 |",
+             "|---|---|" + "---|" * (len(counts) + 4)]
+    for m, s in summary.items():
+        halve = f"{_fmt(*s['flips_to_halve'], digits=1)} ({s['halved']}/{s['seeds']} seeds within {s['budget']})"
+        lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['quantized'], digits=4)} | "
+                     + " | ".join(_fmt(*s["random"][n], digits=4) for n in counts)
+                     + f" | {halve} | " + " | ".join(_fmt(*s["after"][n], digits=4) for n in (5, 10, 20)) + " |")
+    apds = [m for m in summary if m.startswith("apd")]
+    if "plain" in summary and apds:
+        p, a = summary["plain"], summary[apds[0]]
+        top = counts[-1]
+        diff_search = a["after"][20][0] - p["after"][20][0]
+        diff_random = a["random"][top][0] - p["random"][top][0]
+        verdict = "carries over" if diff_search > 0 and diff_random >= 0 else "does not carry over"
+        lines += ["", f"Does APD's robustness to norm-bounded corruption carry over to bit flips? It **{verdict}** here "
+                  f"(rule: {apds[0]} keeps a higher {metric} than plain after 20 searched flips and no lower after {top} random flips): "
+                  f"after 20 searched flips {apds[0]} {_fmt(*a['after'][20], digits=4)} vs plain {_fmt(*p['after'][20], digits=4)}; "
+                  f"after {top} random flips {_fmt(*a['random'][top], digits=4)} vs {_fmt(*p['random'][top], digits=4)}; "
+                  f"searched flips to halve {metric}: {_fmt(*a['flips_to_halve'], digits=1)} ({a['halved']}/{a['seeds']} seeds) "
+                  f"vs {_fmt(*p['flips_to_halve'], digits=1)} ({p['halved']}/{p['seeds']})."]
+    return lines
+
+
+def _bitflip_plot(name: str, tr: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    metric = tr["config"]["metric_name"]
+    summary = tr.get("bitflip_summary") or bitflip_summary(tr)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for k, (m, s) in enumerate(summary.items()):
+        color = f"C{k}"
+        counts = list(s["random"])
+        ax1.errorbar(counts, [s["random"][n][0] for n in counts], yerr=[s["random"][n][1] for n in counts],
+                     marker="o", capsize=2, color=color, label=METHODS.get(m, m))
+        for i, r in enumerate(x for x in tr["bitflips"] if x["method"] == m):
+            hist = r["search"]["metric_history"]
+            ax2.plot(range(len(hist)), hist, color=color, alpha=0.7, label=METHODS.get(m, m) if i == 0 else None)
+    ax1.set_xscale("log")
+    ax1.set_xlabel("random bit flips")
+    ax2.set_xlabel("searched bit flips (progressive bit search)")
+    for ax in (ax1, ax2):
+        ax.set_ylabel(f"test {metric}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}_bitflips.png", dpi=110)
     plt.close(fig)

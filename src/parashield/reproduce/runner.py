@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .._progress import progress
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..corruption import GradientCorruption, MultiStepCorruption, RandomCorruption, corrupted
@@ -40,17 +41,13 @@ QUICK_METHODS = ("plain", "one_step", "sam", "apd3")
 CORRUPTIONS = ("random", "one_step", "multi_step")
 
 
-def _progress(iterable, **kw):
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, mininterval=1.0, **kw)
-    except ImportError:  # tqdm is an optional extra
-        return iterable
-
-
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_key(task: Task, method: str, seed: int) -> str:
+    """Cache key of one (task, method, seed) run: everything that changes its results."""
+    return config_hash({"task": task.config(), "method": method, "seed": seed, "version": __version__})
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -92,7 +89,7 @@ def train(task: Task, method: str, seed: int, folder: Path, key: str) -> tuple[n
         extra = load_checkpoint(ckpt, model, opt, sched)
         log, start = extra["log"], extra["epoch"]
     gen = torch.Generator().manual_seed(seed * 1000 + start)
-    for epoch in _progress(range(start, task.epochs), desc=f"{task.name}/{method}/seed{seed}", initial=start,
+    for epoch in progress(range(start, task.epochs), desc=f"{task.name}/{method}/seed{seed}", initial=start,
                            total=task.epochs, unit="epoch"):
         model.train()
         t0 = time.perf_counter()
@@ -135,7 +132,7 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     clean_loss, clean_metric = test.loss(), _metric(task, model)
     out: dict = {"clean": {"loss": clean_loss, "metric": clean_metric, "attack_loss": attack.loss()}, "grid": []}
     grid = [(s, e) for s, values in task.eval_eps.items() for e in values]
-    for scale, eps in _progress(grid, desc=f"evaluate {task.name}", unit="eps"):
+    for scale, eps in progress(grid, desc=f"evaluate {task.name}", unit="eps"):
         budget = Budget("l2", eps, scale="layer" if scale == "layer" else None)
         row: dict = {"scale": scale, "eps": eps}
         rc = RandomCorruption(budget, trials=task.random_trials, seed=seed)
@@ -192,7 +189,7 @@ def run(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> dict:
     runs = []
     for seed in range(seeds):
         for method in methods:
-            key = config_hash({"task": task.config(), "method": method, "seed": seed, "version": __version__})
+            key = run_key(task, method, seed)
             folder = out / "runs" / task.name / method / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             done = folder / "eval.json"

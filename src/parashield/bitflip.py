@@ -1,0 +1,281 @@
+"""Bit-flip corruptions: the hardware-fault model of parameter corruption.
+
+Beside the norm-bounded corruptions, the budget here is a count of flipped bits. Flips act on the
+int8 codes of a quantized model (:mod:`parashield.quantization`) or directly on the bits of float
+weights (float32, float16, bfloat16; sign, exponent or mantissa bits). Results are
+:class:`~parashield.corruption.CorruptionResult` objects whose ``values`` hold the exact flipped
+weights, so ``ps.corrupted(model, result)`` applies and undoes them bit for bit.
+
+* :class:`RandomBitFlip`: n flips drawn uniformly, without repetition, over the allowed bits.
+* :class:`ProgressiveBitSearch`: the bit-flip attack of Rakin et al. (ICCV 2019). Each round ranks
+  every (weight, bit) of each layer by the first-order loss gain ``g * (q' - q) * s``, evaluates
+  the loss with each layer's best candidates flipped, and keeps the single flip that raises the
+  loss most; it stops at the flip budget or when the metric falls to a target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._checks import check_count
+from .corruption import CorruptionResult, corrupted
+from .objective import Objective, overflow_to_inf
+from .quantization import Int8Quantization
+
+#: float dtype -> (integer view dtype, exponent bit positions, mantissa bit positions)
+_FLOAT_LAYOUT = {
+    torch.float32: (torch.int32, range(23, 31), range(0, 23)),
+    torch.float16: (torch.int16, range(10, 15), range(0, 10)),
+    torch.bfloat16: (torch.int16, range(7, 15), range(0, 7)),
+}
+_WIDTH = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
+Bits = Union[None, int, str, Sequence[Union[int, str]]]
+Flip = tuple[str, int, int]  # (parameter name, flat element index, bit position)
+
+
+@dataclass(frozen=True)
+class FlipBudget:
+    """The budget of a bit-flip corruption: at most ``flips`` bits among positions ``bits``."""
+
+    flips: int
+    bits: tuple[int, ...]
+
+
+@dataclass
+class BitFlipResult(CorruptionResult):
+    """A bit-flip corruption: ``flips`` lists (name, flat index, bit) in the order applied,
+    ``values`` the flipped parameters; ``history``/``metric_history`` the loss/metric after 0, 1,
+    2, ... flips (the search records each step, a random draw only its end points)."""
+
+    flips: list[Flip] = field(default_factory=list)
+    metric_history: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "flips": len(self.flips),
+            "bits": list(self.budget.bits),
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "loss_change": self.loss_change,
+            "history": list(self.history),
+            "metric_history": list(self.metric_history),
+            "flipped": [list(f) for f in self.flips],
+            "passes": self.passes,
+        }
+
+
+class _Target:
+    """The tensors whose bits are flipped: int8 codes (dequantized through the scales) or the
+    float parameters themselves, seen as integers of the same width."""
+
+    def __init__(self, objective: Objective, quantization: Optional[Int8Quantization], bits: Bits) -> None:
+        if quantization is not None:
+            if not isinstance(quantization, Int8Quantization):
+                raise TypeError(f"quantization must be an Int8Quantization from quantize_(), got {type(quantization).__name__}")
+            named = dict(objective.model.named_parameters())
+            missing = [n for n, p in zip(quantization.names, quantization.params) if named.get(n) is not p]
+            if missing:
+                raise ValueError(f"quantization does not belong to the objective's model: {missing[:3]}")
+            self.names, self.params, self.q = quantization.names, quantization.params, quantization
+            self.ints = quantization.codes
+        else:
+            floats = [(n, p) for n, p in zip(objective.names, objective.params) if p.dtype in _FLOAT_LAYOUT]
+            if not floats:
+                raise ValueError("no float32/float16/bfloat16 parameters selected: pass quantization= for int8 "
+                                 "weights or select float parameters in the objective")
+            dtypes = {p.dtype for _, p in floats}
+            if len(dtypes) > 1:
+                raise ValueError(f"float bit flips need one dtype across the selection, got {sorted(map(str, dtypes))}")
+            self.names, self.params, self.q = [n for n, _ in floats], [p for _, p in floats], None
+            self.ints = [p.detach().view(_FLOAT_LAYOUT[p.dtype][0]) for p in self.params]
+        self.bits = self._positions(bits)
+
+    def _positions(self, bits: Bits) -> tuple[int, ...]:
+        dtype = self.ints[0].dtype
+        width = _WIDTH[dtype]
+        names = {"sign": [width - 1]}
+        if self.q is None:
+            _, exponent, mantissa = _FLOAT_LAYOUT[self.params[0].dtype]
+            names.update(exponent=list(exponent), mantissa=list(mantissa))
+        if bits is None:
+            return tuple(range(width))
+        out: set[int] = set()
+        for b in [bits] if isinstance(bits, (int, str)) else list(bits):
+            if isinstance(b, str):
+                if b not in names:
+                    raise ValueError(f"bits names must be among {sorted(names)} for {self.params[0].dtype} "
+                                     f"{'int8 codes' if self.q is not None else 'weights'}, got {b!r}")
+                out.update(names[b])
+            elif isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < width:
+                raise ValueError(f"bits must be positions in 0..{width - 1} (or names {sorted(names)}), got {b!r}")
+            else:
+                out.add(b)
+        if not out:
+            raise ValueError("bits selects no bit position")
+        return tuple(sorted(out))
+
+    def masks(self, bits: Tensor) -> Tensor:
+        """Single-bit masks ``1 << bits`` in the integer dtype (two's complement for the top bit)."""
+        width = _WIDTH[self.ints[0].dtype]
+        masks = torch.ones((), dtype=torch.int64, device=bits.device).bitwise_left_shift(bits)
+        return torch.where(masks >= 2 ** (width - 1), masks - 2**width, masks).to(self.ints[0].dtype)
+
+    def flipped_all(self, ints: Tensor, bits: Tensor) -> Tensor:
+        """``ints`` with each of ``bits`` toggled: shape ``(len(bits), *ints.shape)``."""
+        masks = self.masks(bits).view(-1, *([1] * ints.dim()))
+        return ints.unsqueeze(0).bitwise_xor(masks)
+
+    def toggle(self, value: Tensor, bit: int) -> Tensor:
+        return value.bitwise_xor(self.masks(torch.tensor(bit))).to(value.dtype)
+
+    def values(self, flips: Sequence[Flip]) -> dict[str, Tensor]:
+        """The parameters of the touched tensors after applying ``flips`` (in order)."""
+        pos = {n: i for i, n in enumerate(self.names)}
+        ints: dict[int, Tensor] = {}
+        for name, index, bit in flips:
+            i = pos[name]
+            flat = ints.setdefault(i, self.ints[i].clone()).view(-1)
+            flat[index] = self.toggle(flat[index], bit)
+        return {self.names[i]: self.q.dequantize_one(i, t) if self.q is not None else t.view(self.params[i].dtype)
+                for i, t in ints.items()}
+
+    def result(self, objective: Objective, flips: list[Flip], method: str, loss_before: float, passes: int,
+               history: Optional[list[float]] = None, metric_history: Optional[list[float]] = None) -> BitFlipResult:
+        values = self.values(flips)
+        named = dict(objective.model.named_parameters())
+        delta = {n: v - named[n].detach() for n, v in values.items()}
+        res = BitFlipResult(delta=delta, values=values, loss_before=loss_before, loss_after=loss_before,
+                            budget=FlipBudget(len(flips), self.bits), method=method, passes=passes, flips=flips,
+                            metric_history=list(metric_history or []))
+        with corrupted(objective.model, res):
+            res.loss_after = _loss(objective)
+        res.history = list(history) if history is not None else [loss_before, res.loss_after]
+        return res
+
+
+def _loss(objective: Objective) -> float:
+    """The loss, +inf where a flipped exponent made it overflow or NaN (not an error here)."""
+    with objective.probe() as pr:
+        return overflow_to_inf(pr.loss())
+
+
+class RandomBitFlip:
+    """``flips`` bits flipped uniformly at random, without repetition, over positions ``bits`` of
+    every element of the int8 codes of ``quantization`` or, without it, of the objective's float
+    weights. ``bits``: None (all), a position, a name (``"sign"``, and for floats ``"exponent"``,
+    ``"mantissa"``) or a list of them. Seeded: the same seed draws the same flips."""
+
+    def __init__(self, flips: int, quantization: Optional[Int8Quantization] = None, bits: Bits = None, seed: int = 0) -> None:
+        self.flips = check_count("flips", flips)
+        self.quantization, self.bits, self.seed = quantization, bits, seed
+
+    def __call__(self, objective: Objective) -> BitFlipResult:
+        target = _Target(objective, self.quantization, self.bits)
+        nb = len(target.bits)
+        sizes = torch.tensor([t.numel() * nb for t in target.ints], dtype=torch.int64)
+        total = int(sizes.sum())
+        if self.flips > total:
+            raise ValueError(f"flips={self.flips} exceeds the {total} flippable bits")
+        gen = torch.Generator().manual_seed(self.seed)
+        picked = torch.empty(0, dtype=torch.int64)
+        while len(picked) < self.flips:  # draw with replacement, keep distinct positions
+            picked = torch.cat([picked, torch.randint(total, (2 * self.flips,), generator=gen)]).unique()
+        picked = picked[torch.randperm(len(picked), generator=gen)[: self.flips]]
+        offsets = sizes.cumsum(0) - sizes
+        tensor = torch.searchsorted(sizes.cumsum(0), picked, right=True)
+        local = picked - offsets[tensor]
+        flips = [(target.names[int(i)], int(j), target.bits[int(k)])
+                 for i, j, k in zip(tensor, local // nb, local % nb)]
+        return target.result(objective, flips, "random_bitflip", _loss(objective), passes=2)
+
+
+class ProgressiveBitSearch:
+    """Progressive bit search (the bit-flip attack) on int8 codes.
+
+    Args:
+        quantization: the int8 codes to attack (from ``quantize_``).
+        max_flips: the flip budget.
+        candidates: flips per layer whose loss is evaluated each round (the top-ranked by the
+            first-order gain); the round keeps the best of all layers' candidates.
+        metric: optional ``metric(model) -> float`` recorded after every flip (e.g. test accuracy).
+        target: stop once ``metric`` is at or below this value (needs ``metric``).
+        bits: allowed bit positions of the codes (default all 8).
+
+    Each round costs one gradient pass plus ``layers * candidates`` loss passes on the
+    objective's data.
+    """
+
+    def __init__(self, quantization: Int8Quantization, max_flips: int, candidates: int = 1,
+                 metric: Optional[Callable[[nn.Module], float]] = None, target: Optional[float] = None,
+                 bits: Bits = None) -> None:
+        if quantization is None:
+            raise ValueError("ProgressiveBitSearch needs quantization= (the int8 codes from quantize_())")
+        if target is not None and metric is None:
+            raise ValueError("target needs metric=, the function whose value is compared with it")
+        self.quantization, self.bits = quantization, bits
+        self.max_flips = check_count("max_flips", max_flips)
+        self.candidates = check_count("candidates", candidates)
+        self.metric, self.target = metric, target
+
+    def _ranked(self, target: _Target, i: int, grad: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """The best candidates of tensor i by first-order gain: (flat index, bit) pairs."""
+        bits = torch.tensor(target.bits, device=codes.device)
+        scale = target.q.scales[i].reshape(-1, 1).float()  # (groups, 1): one row per scale
+        flat = codes.reshape(len(scale), -1)
+        change = target.flipped_all(flat, bits).float() - flat.float()  # (bits, groups, per group)
+        gain = (change * (grad.reshape(flat.shape).float() * scale)).reshape(len(bits), -1)
+        best, which = gain.max(0)
+        index = best.topk(min(self.candidates, best.numel())).indices
+        return index, bits[which[index]]
+
+    def __call__(self, objective: Objective) -> BitFlipResult:
+        target = _Target(objective, self.quantization, self.bits)
+        sub = Objective(objective.model, objective.loss_fn, objective.data, params=target.params,
+                        train_mode=objective.train_mode)
+        before = _loss(objective)
+        flips: list[Flip] = []
+        history, metrics, passes = [before], [], 1
+        codes = [c.clone() for c in target.ints]
+        saved = [p.detach().clone() for p in target.params]
+
+        def load(codes: list[Tensor]) -> None:
+            with torch.no_grad():
+                torch._foreach_copy_(target.params, target.q.dequantize(codes))
+
+        try:
+            if self.metric is not None:
+                metrics.append(float(self.metric(objective.model)))
+            while len(flips) < self.max_flips and not (metrics and self.target is not None and metrics[-1] <= self.target):
+                load(codes)
+                _, grads = sub.gradient()
+                passes += 1
+                best: Optional[tuple[float, Flip]] = None
+                for i, name in enumerate(target.names):
+                    for j, b in zip(*(t.tolist() for t in self._ranked(target, i, grads[i], codes[i]))):
+                        trial = codes[i].clone()
+                        trial.view(-1)[j] = target.toggle(trial.view(-1)[j], b)
+                        with torch.no_grad():
+                            target.params[i].copy_(target.q.dequantize_one(i, trial))
+                        loss = _loss(sub)
+                        passes += 1
+                        if best is None or loss > best[0]:
+                            best = (loss, (name, j, b))
+                    with torch.no_grad():
+                        target.params[i].copy_(target.q.dequantize_one(i, codes[i]))
+                loss, (name, j, b) = best
+                i = target.names.index(name)
+                codes[i].view(-1)[j] = target.toggle(codes[i].view(-1)[j], b)
+                flips.append((name, j, b))
+                history.append(loss)
+                if self.metric is not None:
+                    load(codes)
+                    metrics.append(float(self.metric(objective.model)))
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(target.params, saved)
+        return target.result(objective, flips, "progressive_bit_search", before, passes, history, metrics)

@@ -1,0 +1,211 @@
+"""Int8 quantization and bit-flip corruptions: round-trip bounds, exact flips, exact restore,
+and the progressive search against random flips."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import parashield as ps
+from parashield.bitflip import ProgressiveBitSearch, RandomBitFlip
+from parashield.quantization import quantize_
+
+
+def _model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 6, generator=g)
+    return x, (x[:, :4] * torch.tensor([1.0, -2.0, 0.5, 1.5])).argmax(1)
+
+
+def _objective(model):
+    return ps.Objective(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), _data())
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _same(model, snap) -> bool:
+    return all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from(["tensor", "channel"]), st.floats(1e-3, 1e3))
+def test_round_trip_error_is_at_most_half_a_step(seed, granularity, magnitude):
+    torch.manual_seed(seed)
+    lin = nn.Linear(7, 5)
+    with torch.no_grad():
+        lin.weight.mul_(magnitude)
+    w = lin.weight.detach().clone()
+    q = quantize_(lin, granularity=granularity)
+    assert q.names == ["weight"]  # biases stay float by default
+    assert q.codes[0].dtype == torch.int8 and int(q.codes[0].abs().max()) == 127
+    scale = q.scales[0].expand_as(w)
+    assert torch.all((w - lin.weight).abs() <= scale / 2 * (1 + 1e-5))
+    assert torch.equal(lin.weight.detach(), q.dequantize()[0])
+    # Quantizing again is exact: dequantized values are fixed points.
+    again = quantize_(lin, granularity=granularity)
+    assert torch.equal(again.codes[0], q.codes[0])
+
+
+def test_channel_scales_are_per_output_row():
+    lin = nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5], [0.01, 0.02, -0.03]]))
+    q = quantize_(lin, granularity="channel")
+    assert q.scales[0].shape == (2, 1)
+    assert torch.allclose(q.scales[0].flatten(), torch.tensor([2.0, 0.03]) / 127)
+    assert q.bits == 48
+
+
+def test_quantize_errors():
+    with pytest.raises(ValueError, match="granularity"):
+        quantize_(_model(), granularity="row")
+    with pytest.raises(ValueError, match="no parameters selected"):
+        quantize_(nn.Sequential(nn.LayerNorm(3)))
+
+
+def test_random_int8_flip_changes_exactly_the_chosen_bits_and_restores():
+    model = _model()
+    q = quantize_(model)
+    obj = _objective(model)
+    codes = [c.clone() for c in q.codes]
+    snap = _snapshot(model)
+    res = RandomBitFlip(5, quantization=q, seed=3)(obj)
+    assert len(res.flips) == 5 and len(set((n, i, b) for n, i, b in res.flips)) == 5
+    assert all(torch.equal(c, c0) for c, c0 in zip(q.codes, codes))  # codes untouched
+    assert _same(model, snap)  # nothing applied outside the context
+    with ps.corrupted(model, res):
+        named = dict(model.named_parameters())
+        for k, name in enumerate(q.names):
+            now = torch.round(named[name].detach() / q.scales[k]).to(torch.int16)
+            diff = (now.to(torch.int8).view(torch.uint8) ^ codes[k].view(torch.uint8)).view(-1)
+            expected = torch.zeros_like(diff)
+            for n, i, b in res.flips:
+                if n == name:
+                    expected[i] ^= 1 << b
+            assert torch.equal(diff, expected)
+        assert obj.loss() == pytest.approx(res.loss_after)
+    assert _same(model, snap)
+    # Seeded: the same seed draws the same flips, another seed others.
+    assert RandomBitFlip(5, quantization=q, seed=3)(obj).flips == res.flips
+    assert RandomBitFlip(5, quantization=q, seed=4)(obj).flips != res.flips
+
+
+@pytest.mark.parametrize("dtype,bits,width", [(torch.float32, "sign", 32), (torch.bfloat16, "exponent", 16),
+                                              (torch.float16, [0, 1], 16)])
+def test_float_bit_flips_toggle_only_allowed_positions(dtype, bits, width):
+    model = _model().to(dtype)
+    obj = ps.Objective(model, lambda m, b: F.cross_entropy(m(b[0].to(dtype)).float(), b[1]), _data())
+    snap = _snapshot(model)
+    res = RandomBitFlip(7, bits=bits, seed=0)(obj)
+    allowed = set(res.budget.bits)
+    assert allowed == ({width - 1} if bits == "sign" else set(range(7, 15)) if bits == "exponent" else {0, 1})
+    view = {32: torch.int32, 16: torch.int16}[width]
+    with ps.corrupted(model, res):
+        for name, p in model.named_parameters():
+            diff = (p.detach().view(view) ^ snap[name].view(view)).view(-1)
+            hits = [(i, b) for n, i, b in res.flips if n == name]
+            assert int((diff != 0).sum()) == len({i for i, _ in hits})
+            for i, b in hits:
+                assert b in allowed and int(diff[i]) & ((1 << b) - (1 << width if b == width - 1 else 0)) != 0
+    assert _same(model, snap)
+
+
+def test_sign_flip_of_float_negates_exactly():
+    model = _model()
+    obj = _objective(model)
+    res = RandomBitFlip(1, bits="sign", seed=0)(obj)
+    (name, i, _), = res.flips
+    before = dict(model.named_parameters())[name].detach().view(-1)[i].clone()
+    with ps.corrupted(model, res):
+        assert dict(model.named_parameters())[name].detach().view(-1)[i] == -before
+
+
+def test_restore_is_exact_when_the_body_raises():
+    model = _model()
+    q = quantize_(model)
+    res = RandomBitFlip(20, quantization=q, seed=0)(_objective(model))
+    snap = _snapshot(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ps.corrupted(model, res):
+            raise RuntimeError("boom")
+    assert _same(model, snap)
+
+
+def test_bitflip_input_errors():
+    model = _model()
+    obj = _objective(model)
+    q = quantize_(model)
+    with pytest.raises(ValueError, match="flips must be an int >= 1"):
+        RandomBitFlip(-1, quantization=q)
+    with pytest.raises(ValueError, match=r"bits must be positions in 0\.\.7"):
+        RandomBitFlip(1, quantization=q, bits=8)(obj)
+    with pytest.raises(ValueError, match="bits names"):
+        RandomBitFlip(1, quantization=q, bits="exponent")(obj)
+    with pytest.raises(ValueError, match="exceeds"):
+        RandomBitFlip(10**6, quantization=q)(obj)
+    with pytest.raises(ValueError, match="needs quantization"):
+        ProgressiveBitSearch(None, 3)
+    with pytest.raises(ValueError, match="target needs metric"):
+        ProgressiveBitSearch(q, 3, target=0.5)
+    with pytest.raises(ValueError, match="does not belong"):
+        RandomBitFlip(1, quantization=quantize_(_model(1)))(obj)
+    int_model = nn.Linear(2, 2).to(torch.float64)
+    with pytest.raises(ValueError, match="no float32/float16/bfloat16"):
+        RandomBitFlip(1)(ps.Objective(int_model, lambda m, b: m(b).sum(), torch.ones(1, 2, dtype=torch.float64)))
+
+
+def _accuracy(model) -> float:
+    x, y = _data(2)
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def _trained():
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    x, y = _data()
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+def test_progressive_search_beats_the_best_of_many_random_flips():
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    snap = _snapshot(model)
+    search = ProgressiveBitSearch(q, max_flips=1, candidates=4)(obj)
+    assert _same(model, snap)
+    best_random = max(RandomBitFlip(1, quantization=q, seed=s)(obj).loss_after for s in range(200))
+    assert search.loss_after >= best_random - 1e-9
+    assert search.loss_after > search.loss_before
+
+
+def test_progressive_search_records_each_flip_and_stops_at_target():
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    clean = _accuracy(model)
+    res = ProgressiveBitSearch(q, max_flips=25, metric=_accuracy, target=clean / 2)(obj)
+    n = len(res.flips)
+    assert 1 <= n <= 25 and len(res.history) == n + 1 and len(res.metric_history) == n + 1
+    assert res.metric_history[0] == clean and res.history[0] == pytest.approx(res.loss_before)
+    assert res.history[-1] == pytest.approx(res.loss_after)
+    if n < 25:  # stopped by the target, not by the budget
+        assert res.metric_history[-1] <= clean / 2 < min(res.metric_history[:-1])
+    with ps.corrupted(model, res):
+        assert _accuracy(model) == res.metric_history[-1]
+    assert res.as_dict()["flips"] == n and math.isfinite(res.as_dict()["loss_change"])
