@@ -391,8 +391,10 @@ class TransformerTranslator(nn.Module):
             memory = self.encoder(x, src_key_padding_mask=src_mask)
         return memory, src_mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
-        """tgt_in (B, T), memory from ``encode`` -> logits (B, T, tgt_vocab)."""
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last: bool = False) -> Tensor:
+        """tgt_in (B, T), memory from ``encode`` -> logits (B, T, tgt_vocab), or with ``last``
+        only those of the last position (B, tgt_vocab): greedy decoding needs no others, and
+        the vocabulary projection of every position would dominate its cost."""
         t = tgt_in.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tgt_in.device), 1)
         tgt_pad = tgt_in == self.pad_id
@@ -402,7 +404,7 @@ class TransformerTranslator(nn.Module):
                 y, memory, tgt_mask=causal, tgt_key_padding_mask=tgt_pad,
                 memory_key_padding_mask=src_mask,
             )
-        return self.generator(out)
+        return self.generator(out[:, -1] if last else out)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S), tgt_in (B, T) token ids (padded with pad_id) -> logits (B, T, tgt_vocab)."""
@@ -427,7 +429,7 @@ class TransformerTranslator(nn.Module):
         ys = torch.full((b, 1), self.bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(b, dtype=torch.bool, device=src.device)
         for _ in range(max_len):
-            logits = self.decode(ys, memory, src_mask)[:, -1]
+            logits = self.decode(ys, memory, src_mask, last=True)
             logits[:, [self.pad_id, self.bos_id]] = float("-inf")  # never generated
             nxt = logits.argmax(dim=-1)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)

@@ -274,10 +274,10 @@ def ptb(quick: bool = False, seed: int = 0, bptt: int = 35, train_tokens: int = 
     )
 
 
-def translation(quick: bool = False, seed: int = 0, train_pairs: int = 6000, test_pairs: int = 150) -> Task:
+def translation(quick: bool = False, seed: int = 0, train_pairs: int = 5000, test_pairs: int = 150) -> Task:
     """English -> Spanish Bible verses (Debian SWORD modules) with a small Transformer; BLEU of
-    greedy decoding (sacrebleu) on held-out books. 6000 training pairs and 3 epochs keep 3 seeds
-    of plain, SAM and APD K=2 near an hour and a half on one CPU core."""
+    greedy decoding (sacrebleu) on held-out books. 5000 training pairs, 3 epochs and a 4-point eps
+    grid keep 3 seeds of plain training and APD K=2 near an hour on one CPU core."""
     import sacrebleu
 
     from ..data import EOS_INDEX, collate_translation, detokenize, load_bible_translation
@@ -337,7 +337,7 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 6000, tes
         lr=1e-3,
         weight_decay=0.0,
         train_eps=0.01,  # as for PTB, 0.05 is expected to cost too much clean quality
-        eval_eps={"absolute": [0.3, 1.0, 3.0], "layer": [0.003, 0.01, 0.03]},
+        eval_eps={"absolute": [1.0], "layer": [0.003, 0.01, 0.03]},
         sweep_eps=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
         metric_drop=2.0,
         critical_kinds=("multi_step",),
