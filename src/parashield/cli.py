@@ -46,14 +46,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                          f"choose from {', '.join(_task_names())}")
     if args.quick:
         names = ["digits"]
-    methods = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else tuple(METHODS))
-    unknown = [m for m in methods if m not in METHODS]
+    chosen = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else None)
+    unknown = [m for m in chosen or () if m not in METHODS]
     if unknown:
         raise SystemExit(f"parashield: error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     out = Path(args.out)
     results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
         task = _load_task(name, quick=args.quick)
+        methods = chosen or task.methods
         t0 = time.perf_counter()
         results["tasks"][name] = run(task, methods, args.seeds, out)
         if task.bitflips:
@@ -212,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", default="all", help="task name, comma-separated names, or 'all' (digits, fashion, ptb, translation, bbc)")
     r.add_argument("--quick", action="store_true", help="digits only, fewer epochs: a few minutes on 2 CPU cores")
     r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5")
+    r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5 "
+                   "(default: each task's own set, all six where a full run fits the hour; --quick: plain, one_step, sam, apd3)")
     r.add_argument("--out", default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.set_defaults(func=cmd_reproduce)

@@ -180,6 +180,10 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
              f"evaluated on test data. Defenses train with a layer-relative L2 budget eps={cfg['train_eps']} "
              f"(SAM rho={cfg['sam_rho']}); {cfg['epochs']} epochs, {cfg['optimizer']} lr={cfg['lr']}. {cfg['info']}", ""]
     train_times = {m: _stats([r["train"]["seconds"] for r in tr["runs"] if r["method"] == m])[0] for m in summary}
+    compute = sum(r["train"]["seconds"] + r.get("eval_seconds", 0.0) for r in tr["runs"])
+    compute += sum(r["search"]["seconds"] for r in tr.get("bitflips", []))
+    lines += [f"Compute: {compute / 60:.1f} min of training and evaluation over {len(tr['runs'])} runs "
+              f"(as measured when each run was made; cached runs cost nothing to report again).", ""]
     lines += ["| method | clean " + metric + " | clean loss | train s/run |", "|---|---|---|---|"]
     for m, s in summary.items():
         lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['clean_metric'], digits=4)} | {_fmt(*s['clean_loss'])} | {train_times.get(m, 0):.1f} |")
