@@ -608,3 +608,25 @@ def test_budget_is_immutable_and_with_eps():
     assert b.eps == 0.1
     with pytest.raises(ValueError, match="eps"):
         b.with_eps(-1.0)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 123_457, 1_500_000])
+@pytest.mark.parametrize("ties", [False, True])
+def test_top_n_over_many_tensors_matches_a_sort(n, ties):
+    """The sampled-threshold selection (k > 1M: candidates above a sample quantile, then
+    kthvalue) keeps exactly the n largest scores, ties broken by position across tensors."""
+    from parashield.budget import _keep_top_n_
+
+    gen = torch.Generator().manual_seed(n)
+    shapes = [(700, 1000), (3,), (500, 1200), (10, 10)]
+    xs = [torch.randn(s, generator=gen) for s in shapes]
+    if ties:  # coarse values: thousands of exact ties at every threshold
+        xs = [torch.round(x * 8) / 8 for x in xs]
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    # Reference: stable sort by descending |x| (position breaks ties), keep the first n.
+    idx = torch.sort(-flat.abs(), stable=True).indices[:n]
+    expected = torch.zeros_like(flat)
+    expected[idx] = flat[idx]
+    out = [x.clone() for x in xs]
+    _keep_top_n_(out, torch._foreach_abs(out), n)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)

@@ -95,33 +95,51 @@ def _unflat_(ts: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
-def _top_n_mask(score: Tensor, n: int) -> Tensor:
-    """Boolean mask of the n largest entries of flat ``score`` (ties broken by index).
+def _top_n_drop(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
+    """Boolean masks, one per tensor of ``scores``, of the entries outside the n largest scores
+    over all of them (ties broken by position, tensor by tensor); None when n covers everything.
 
     Selection by threshold, not by sorting: the n-th largest value comes from ``kthvalue`` on the
     candidates above a threshold estimated on a strided sample (about 2n of them), with an exact
-    fallback when the sample underestimates; the mask is then ``score > t`` plus the first ties.
+    fallback when the sample underestimates. The candidates also give the number of entries above
+    the threshold, so the full-size work is one comparison per tensor (plus one for exact ties).
     """
-    k = score.numel()
+    flats = [t.reshape(-1) for t in scores]
+    k = sum(f.numel() for f in flats)
     if n >= k:
-        return torch.ones_like(score, dtype=torch.bool)
-    thr = None
+        return None
+    pool = None
     if k > 1_000_000:
-        sample = score[:: k // 100_000]
+        stride = k // 100_000
+        sample = torch.cat([f[::stride] for f in flats])
         m = sample.numel()
         r = min(m, int(2 * n * m / k) + 16)  # rank in the sample that leaves ~2n candidates above
         low = torch.kthvalue(sample, m - r + 1).values
-        candidates = score[score >= low]
+        candidates = torch.cat([f[f >= low] for f in flats])
         if candidates.numel() >= n:
-            thr = torch.kthvalue(candidates, candidates.numel() - n + 1).values
-    if thr is None:
-        thr = torch.kthvalue(score, k - n + 1).values
-    mask = score > thr
-    need = n - int(torch.count_nonzero(mask))
+            pool = candidates
+    if pool is None:
+        pool = flats[0] if len(flats) == 1 else torch.cat(flats)
+    thr = torch.kthvalue(pool, pool.numel() - n + 1).values
+    need = n - int(torch.count_nonzero(pool > thr))  # ties at thr to keep (0 unless values repeat)
+    drops = [f <= thr for f in flats]
     if need > 0:
-        ties = score == thr
-        mask |= ties & (torch.cumsum(ties, 0) <= need)
-    return mask
+        for f, drop in zip(flats, drops):
+            ties = f == thr
+            keep = ties & (torch.cumsum(ties, 0) <= need)
+            drop &= ~keep
+            need -= int(torch.count_nonzero(keep))
+            if need <= 0:
+                break
+    return [d.view(t.shape) for d, t in zip(drops, scores)]
+
+
+def _keep_top_n_(ts: Sequence[Tensor], scores: Sequence[Tensor], n: int) -> None:
+    """Zero, in place, every entry of ``ts`` outside the n largest ``scores``."""
+    drops = _top_n_drop(scores, n)
+    if drops is not None:
+        for t, drop in zip(ts, drops):
+            t.masked_fill_(drop, 0)
 
 
 def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]) -> Tensor:
@@ -274,9 +292,7 @@ class Budget:
         if s is not None:
             torch._foreach_mul_(grads, s)
         if self.sparsity is not None:
-            flat = _flat(grads)
-            flat.mul_(_top_n_mask(flat.abs(), self.sparsity))
-            _unflat_(grads, flat)
+            _keep_top_n_(grads, torch._foreach_abs(grads), self.sparsity)
         if self.scale == "layer":
             radii = self._layer_radii(params, r)
             if self.norm == "linf":
@@ -347,6 +363,25 @@ class Budget:
             else:
                 torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
             return deltas
+        if s is None and self.norm != "l1":  # n-sparse L2 / L-inf ball: in place, no flat copy
+            if self.norm == "linf":
+                scores = torch._foreach_abs(deltas)  # saving of keeping a_i: a_i^2 - (|a_i| - r)_+^2
+                over = torch._foreach_sub(scores, r)
+                torch._foreach_clamp_min_(over, 0.0)
+                torch._foreach_mul_(over, over)
+                torch._foreach_mul_(scores, scores)
+                torch._foreach_sub_(scores, over)
+                del over
+            else:
+                scores = torch._foreach_abs(deltas)
+            _keep_top_n_(deltas, scores, self.sparsity)
+            del scores
+            if self.norm == "linf":
+                torch._foreach_clamp_min_(deltas, -r)
+                torch._foreach_clamp_max_(deltas, r)
+            else:
+                torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
+            return deltas
         flat = _flat(deltas)
         sflat = _flat(s) if s is not None else None
         if sflat is not None and self.eta == 0:
@@ -360,7 +395,7 @@ class Budget:
                 score = flat.square() - (flat.abs() - bound).clamp_min(0).square()
             else:
                 score = flat.abs()
-            flat.mul_(_top_n_mask(score, self.sparsity))
+            _keep_top_n_([flat], [score], self.sparsity)
         if self.norm == "linf":
             bound = torch.full_like(flat, r) if sflat is None else r * sflat
             flat = torch.maximum(torch.minimum(flat, bound), -bound)
