@@ -630,3 +630,8 @@ def test_top_n_over_many_tensors_matches_a_sort(n, ties):
     out = [x.clone() for x in xs]
     _keep_top_n_(out, torch._foreach_abs(out), n)
     assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)
+    # Non-contiguous tensors (a transposed view) are written through their strides.
+    out = [x.t().contiguous().t() if x.dim() == 2 else x.clone() for x in xs]
+    assert not out[0].is_contiguous()
+    _keep_top_n_(out, torch._foreach_abs(out), n)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)

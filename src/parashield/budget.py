@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import abc
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -95,51 +95,63 @@ def _unflat_(ts: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
-def _top_n_drop(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
-    """Boolean masks, one per tensor of ``scores``, of the entries outside the n largest scores
-    over all of them (ties broken by position, tensor by tensor); None when n covers everything.
+def _top_n_indices(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
+    """Flat (row-major) indices, one sorted tensor per entry of ``scores``, of the n largest
+    scores over all of them, ties broken by position (tensor by tensor); None when n covers
+    everything.
 
-    Selection by threshold, not by sorting: the n-th largest value comes from ``kthvalue`` on the
-    candidates above a threshold estimated on a strided sample (about 2n of them), with an exact
-    fallback when the sample underestimates. The candidates also give the number of entries above
-    the threshold, so the full-size work is one comparison per tensor (plus one for exact ties).
+    Selection by threshold, not by sorting: on more than a million entries the n-th largest
+    value comes from ``kthvalue`` on the candidates above a threshold estimated on a strided
+    sample (about 2n of them), with an exact fallback when the sample underestimates. Full-size
+    work: one comparison per entry and one compaction; the rest runs on the ~2n candidates.
     """
     flats = [t.reshape(-1) for t in scores]
     k = sum(f.numel() for f in flats)
     if n >= k:
         return None
-    pool = None
+
+    def above(low: Tensor) -> tuple[list[Tensor], Tensor]:
+        idx = [torch.nonzero(f >= low).squeeze(1) for f in flats]
+        return idx, torch.cat([f[i] for f, i in zip(flats, idx)])
+
+    idx = None
     if k > 1_000_000:
         stride = k // 100_000
         sample = torch.cat([f[::stride] for f in flats])
         m = sample.numel()
         r = min(m, int(2 * n * m / k) + 16)  # rank in the sample that leaves ~2n candidates above
-        low = torch.kthvalue(sample, m - r + 1).values
-        candidates = torch.cat([f[f >= low] for f in flats])
-        if candidates.numel() >= n:
-            pool = candidates
-    if pool is None:
-        pool = flats[0] if len(flats) == 1 else torch.cat(flats)
-    thr = torch.kthvalue(pool, pool.numel() - n + 1).values
-    need = n - int(torch.count_nonzero(pool > thr))  # ties at thr to keep (0 unless values repeat)
-    drops = [f <= thr for f in flats]
-    if need > 0:
-        for f, drop in zip(flats, drops):
-            ties = f == thr
-            keep = ties & (torch.cumsum(ties, 0) <= need)
-            drop &= ~keep
-            need -= int(torch.count_nonzero(keep))
-            if need <= 0:
-                break
-    return [d.view(t.shape) for d, t in zip(drops, scores)]
+        idx, values = above(torch.kthvalue(sample, m - r + 1).values)
+        if values.numel() < n:
+            idx = None
+    if idx is None:
+        idx, values = above(torch.kthvalue(flats[0] if len(flats) == 1 else torch.cat(flats), k - n + 1).values)
+    thr = torch.kthvalue(values, values.numel() - n + 1).values
+    keep = values >= thr
+    if values.numel() > n:  # drop the candidates below thr and, where values repeat at thr, the last ties
+        ties = values == thr
+        keep = (values > thr) | (ties & (torch.cumsum(ties, 0) <= n - torch.count_nonzero(values > thr)))
+    return [i[kp] for i, kp in zip(idx, keep.split([len(i) for i in idx]))]
 
 
-def _keep_top_n_(ts: Sequence[Tensor], scores: Sequence[Tensor], n: int) -> None:
-    """Zero, in place, every entry of ``ts`` outside the n largest ``scores``."""
-    drops = _top_n_drop(scores, n)
-    if drops is not None:
-        for t, drop in zip(ts, drops):
-            t.masked_fill_(drop, 0)
+def _keep_top_n_(ts: Sequence[Tensor], scores: Sequence[Tensor], n: int,
+                 transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
+    """Zero, in place, every entry of ``ts`` outside the n largest ``scores``; ``transform``
+    maps the kept values (all tensors' concatenated, a short vector) to what is written back."""
+    kept = _top_n_indices(scores, n)
+    if kept is None:
+        if transform is not None:
+            _unflat_(ts, transform(_flat(ts)))
+        return
+    values = [t.reshape(-1)[i] for t, i in zip(ts, kept)]
+    new = torch.cat(values)
+    if transform is not None:
+        new = transform(new)
+    for t, i, v in zip(ts, kept, new.split([len(i) for i in kept])):
+        t.zero_()
+        if t.is_contiguous():
+            t.view(-1)[i] = v
+        else:
+            t[torch.unravel_index(i, t.shape)] = v
 
 
 def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]) -> Tensor:
@@ -364,23 +376,18 @@ class Budget:
                 torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
             return deltas
         if s is None and self.norm != "l1":  # n-sparse L2 / L-inf ball: in place, no flat copy
-            if self.norm == "linf":
-                scores = torch._foreach_abs(deltas)  # saving of keeping a_i: a_i^2 - (|a_i| - r)_+^2
+            scores = torch._foreach_abs(deltas)
+            if self.norm == "linf":  # saving of keeping a_i: a_i^2 - (|a_i| - r)_+^2
                 over = torch._foreach_sub(scores, r)
                 torch._foreach_clamp_min_(over, 0.0)
                 torch._foreach_mul_(over, over)
                 torch._foreach_mul_(scores, scores)
                 torch._foreach_sub_(scores, over)
                 del over
-            else:
-                scores = torch._foreach_abs(deltas)
-            _keep_top_n_(deltas, scores, self.sparsity)
-            del scores
-            if self.norm == "linf":
-                torch._foreach_clamp_min_(deltas, -r)
-                torch._foreach_clamp_max_(deltas, r)
-            else:
-                torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
+                _keep_top_n_(deltas, scores, self.sparsity, lambda v: v.clamp(-r, r))
+            else:  # the norm of the kept values: no pass over the full tensors
+                _keep_top_n_(deltas, scores, self.sparsity,
+                             lambda v: v * torch.clamp(_safe_ratio(r, torch.linalg.vector_norm(v)), max=1.0))
             return deltas
         flat = _flat(deltas)
         sflat = _flat(s) if s is not None else None
