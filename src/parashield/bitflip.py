@@ -172,6 +172,8 @@ class RandomBitFlip:
 
     def __init__(self, flips: int, quantization: Optional[Int8Quantization] = None, bits: Bits = None, seed: int = 0) -> None:
         self.flips = check_count("flips", flips)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         self.quantization, self.bits, self.seed = quantization, bits, seed
 
     def __call__(self, objective: Objective) -> BitFlipResult:

@@ -152,7 +152,7 @@ def digits(quick: bool = False, seed: int = 0) -> Task:
         else {"absolute": [0.25, 0.5, 1.0, 2.0], "layer": [0.02, 0.05, 0.1, 0.2]},
         metric_drop=0.1,
         info={"train": len(x_tr), "test": len(x_te), "model": "MLP 64-128-64-10", **_data_seed(seed)},
-        bitflips=BITFLIPS,
+        bitflips={**BITFLIPS, "search_flips": 150},  # the small MLP takes more than 40 searched flips to halve
     )
 
 
@@ -214,7 +214,7 @@ def bbc(quick: bool = False, seed: int = 0) -> Task:
         eval_eps={"absolute": [0.3, 1.0, 3.0], "layer": [0.03, 0.1, 0.3]},
         curvature=False,  # HVPs through the 1.3M-parameter embedding cost minutes per eps on 2 cores
         info={"train": len(y_tr), "test": len(y_te), "vocab": vocab, "model": "EmbeddingBag(64) + Linear", **_data_seed(seed)},
-        bitflips=BITFLIPS,
+        bitflips={**BITFLIPS, "search_flips": 100},
     )
 
 
