@@ -59,6 +59,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         results["tasks"][name] = run(task, methods, args.seeds, out)
         if task.bitflips:
             results["tasks"][name]["bitflips"] = run_bitflips(task, methods, args.seeds, out)
+            results["tasks"][name]["bitflip_config"] = task.bitflips
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
     report = write_report(results, out)

@@ -304,8 +304,16 @@ def bitflip_summary(tr: dict) -> dict:
                              for i, row in enumerate(runs[0]["random"])},
                   "flips_to_halve": _stats([h for h in halves if h is not None]),
                   "halved": sum(h is not None for h in halves), "after": {n: after(n) for n in (5, 10, 20)},
-                  "budget": max(len(r["search"]["metric_history"]) - 1 for r in runs)}
+                  "budget": tr.get("bitflip_config", {}).get("search_flips")
+                  or max(len(r["search"]["metric_history"]) - 1 for r in runs)}
     return out
+
+
+def _halve_text(s: dict) -> str:
+    """Searched flips needed to halve the metric: mean over the seeds that got there."""
+    if not s["halved"]:
+        return f"> {s['budget']} (no seed halved)"
+    return f"{_fmt(*s['flips_to_halve'], digits=1)} ({s['halved']}/{s['seeds']} seeds halved within {s['budget']})"
 
 
 def _bitflip_markdown(tr: dict) -> list[str]:
@@ -319,7 +327,7 @@ def _bitflip_markdown(tr: dict) -> list[str]:
              + " | searched flips to halve | after 5 searched | after 10 | after 20 |",
              "|---|---|" + "---|" * (len(counts) + 4)]
     for m, s in summary.items():
-        halve = f"{_fmt(*s['flips_to_halve'], digits=1)} ({s['halved']}/{s['seeds']} seeds within {s['budget']})"
+        halve = _halve_text(s)
         lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['quantized'], digits=4)} | "
                      + " | ".join(_fmt(*s["random"][n], digits=4) for n in counts)
                      + f" | {halve} | " + " | ".join(_fmt(*s["after"][n], digits=4) for n in (5, 10, 20)) + " |")
@@ -334,8 +342,7 @@ def _bitflip_markdown(tr: dict) -> list[str]:
                   f"(rule: {apds[0]} keeps a higher {metric} than plain after 20 searched flips and no lower after {top} random flips): "
                   f"after 20 searched flips {apds[0]} {_fmt(*a['after'][20], digits=4)} vs plain {_fmt(*p['after'][20], digits=4)}; "
                   f"after {top} random flips {_fmt(*a['random'][top], digits=4)} vs {_fmt(*p['random'][top], digits=4)}; "
-                  f"searched flips to halve {metric}: {_fmt(*a['flips_to_halve'], digits=1)} ({a['halved']}/{a['seeds']} seeds) "
-                  f"vs {_fmt(*p['flips_to_halve'], digits=1)} ({p['halved']}/{p['seeds']})."]
+                  f"searched flips to halve {metric}: {_halve_text(a)} vs {_halve_text(p)}."]
     return lines
 
 
