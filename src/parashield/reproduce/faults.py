@@ -29,6 +29,9 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     the metric falls to half its clean int8 value. The given model is not changed (a copy is
     quantized)."""
     cfg = task.bitflips
+    if not cfg or not task.higher_is_better:
+        raise ValueError(f"task {task.name!r} has no bit-flip settings for a higher-is-better metric "
+                         "(flip experiments halve an accuracy-like metric)")
     model = copy.deepcopy(model).eval()
     q = quantize_(model, granularity="channel")
 
