@@ -56,9 +56,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         task = _load_task(name, quick=args.quick)
         methods = chosen or task.methods
         t0 = time.perf_counter()
-        results["tasks"][name] = run(task, methods, args.seeds, out)
+        seeds = task.seeds if args.seeds is None else args.seeds
+        results["tasks"][name] = run(task, methods, seeds, out)
         if task.bitflips:
-            results["tasks"][name]["bitflips"] = run_bitflips(task, methods, args.seeds, out)
+            results["tasks"][name]["bitflips"] = run_bitflips(task, methods, seeds, out)
             results["tasks"][name]["bitflip_config"] = task.bitflips
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
@@ -213,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="train plain/one-step/SAM/APD models and evaluate them under corruption")
     r.add_argument("--task", default="all", help="task name, comma-separated names, or 'all' (digits, fashion, ptb, translation, bbc)")
     r.add_argument("--quick", action="store_true", help="digits only, fewer epochs: a few minutes on 2 CPU cores")
-    r.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    r.add_argument("--seeds", type=int, default=None, help="number of seeds (default: each task's own, 3 but 2 for translation)")
     r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5 "
                    "(default: each task's own set, all six where a full run fits the hour; --quick: plain, one_step, sam, apd3)")
     r.add_argument("--out", default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
@@ -268,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "seeds", 1) < 1:
+    if getattr(args, "seeds", None) is not None and args.seeds < 1:
         raise SystemExit("parashield: error: --seeds must be >= 1")
     return args.func(args)
 

@@ -291,6 +291,29 @@ def _plain_attention() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
+def _heads(mha: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """(B, S, d) -> (B, heads, S, d / heads)."""
+    return x.view(x.shape[0], x.shape[1], mha.num_heads, -1).transpose(1, 2)
+
+
+def _project_kv(mha: nn.MultiheadAttention, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of ``x`` (B, S, d) under a batch-first ``nn.MultiheadAttention`` with a
+    packed input projection, split into heads."""
+    d, w, b = mha.embed_dim, mha.in_proj_weight, mha.in_proj_bias
+    k = F.linear(x, w[d : 2 * d], None if b is None else b[d : 2 * d])
+    v = F.linear(x, w[2 * d :], None if b is None else b[2 * d :])
+    return _heads(mha, k), _heads(mha, v)
+
+
+def _attend(mha: nn.MultiheadAttention, x: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``mha(x, ., .)`` for queries ``x`` (B, T, d) given projected keys/values (``mask`` True
+    where attending is allowed)."""
+    d, w, b = mha.embed_dim, mha.in_proj_weight, mha.in_proj_bias
+    q = _heads(mha, F.linear(x, w[:d], None if b is None else b[:d]))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=mha.dropout if mha.training else 0.0)
+    return mha.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], d))
+
+
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoidal positions of Vaswani et al. to (B, T, d_model) inputs."""
 
@@ -391,10 +414,8 @@ class TransformerTranslator(nn.Module):
             memory = self.encoder(x, src_key_padding_mask=src_mask)
         return memory, src_mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, last: bool = False) -> Tensor:
-        """tgt_in (B, T), memory from ``encode`` -> logits (B, T, tgt_vocab), or with ``last``
-        only those of the last position (B, tgt_vocab): greedy decoding needs no others, and
-        the vocabulary projection of every position would dominate its cost."""
+    def decode(self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """tgt_in (B, T), memory from ``encode`` -> logits (B, T, tgt_vocab)."""
         t = tgt_in.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tgt_in.device), 1)
         tgt_pad = tgt_in == self.pad_id
@@ -404,7 +425,39 @@ class TransformerTranslator(nn.Module):
                 y, memory, tgt_mask=causal, tgt_key_padding_mask=tgt_pad,
                 memory_key_padding_mask=src_mask,
             )
-        return self.generator(out[:, -1] if last else out)
+        return self.generator(out)
+
+    def _decode_next(self, ys: Tensor, memory: Tensor, src_mask: Tensor, cache: dict) -> Tensor:
+        """Logits (B, tgt_vocab) of the token after ``ys`` (B, T), computing only the last
+        position with the layers of :meth:`decode`: ``cache`` keeps each layer's projected
+        self-attention keys/values of the earlier positions and the cross-attention keys/values
+        of ``memory``, so a token costs O(T), not O(T^2) plus a projection of the memory.
+        Greedy decoding never feeds a pad before ``eos``, so unfinished rows need no target
+        padding mask."""
+        t = ys.shape[1]
+        x = self.drop(self.tgt_embed(ys[:, -1:]) * math.sqrt(self.d_model) + self.pos.pe[t - 1].to(memory.dtype))
+        attend = ~src_mask[:, None, None, :]
+        with _plain_attention():
+            for i, layer in enumerate(self.decoder.layers):
+                pre = layer.norm_first
+                h = layer.norm1(x) if pre else x
+                k, v = _project_kv(layer.self_attn, h)
+                if i in cache:
+                    k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
+                cache[i] = (k, v)
+                sa = layer.dropout1(_attend(layer.self_attn, h, k, v))
+                x = x + sa if pre else layer.norm1(x + sa)
+                h = layer.norm2(x) if pre else x
+                if ("memory", i) not in cache:
+                    cache["memory", i] = _project_kv(layer.multihead_attn, memory)
+                ca = layer.dropout2(_attend(layer.multihead_attn, h, *cache["memory", i], attend))
+                x = x + ca if pre else layer.norm2(x + ca)
+                h = layer.norm3(x) if pre else x
+                ff = layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(h)))))
+                x = x + ff if pre else layer.norm3(x + ff)
+            if self.decoder.norm is not None:
+                x = self.decoder.norm(x)
+        return self.generator(x[:, -1])
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """src (B, S), tgt_in (B, T) token ids (padded with pad_id) -> logits (B, T, tgt_vocab)."""
@@ -428,8 +481,9 @@ class TransformerTranslator(nn.Module):
         memory, src_mask = self.encode(src)
         ys = torch.full((b, 1), self.bos_id, dtype=torch.long, device=src.device)
         finished = torch.zeros(b, dtype=torch.bool, device=src.device)
+        cache: dict = {}
         for _ in range(max_len):
-            logits = self.decode(ys, memory, src_mask, last=True)
+            logits = self._decode_next(ys, memory, src_mask, cache)
             logits[:, [self.pad_id, self.bos_id]] = float("-inf")  # never generated
             nxt = logits.argmax(dim=-1)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
