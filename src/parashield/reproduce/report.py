@@ -39,6 +39,13 @@ def _fmt(m: float, s: Optional[float] = None, digits: int = 3) -> str:
     return text if s is None else f"{text} ± {s:.{digits}f}"
 
 
+def _fmt_sig(m: float, s: float) -> str:
+    """Mean ± std with 3 significant digits (eps values span decades)."""
+    if m is None or math.isnan(m) or math.isinf(m):
+        return _fmt(m)
+    return f"{m:.3g} ± {s:.2g}"
+
+
 def summarize(task_result: dict) -> dict:
     """Mean and std over seeds of every number, keyed by method."""
     by_method: dict[str, list[dict]] = {}
@@ -205,7 +212,7 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
     lines += ["", f"### Critical eps ({tr['runs'][0]['eval']['critical_eps_definition']})", "",
               "| method | " + " | ".join(kinds_c) + " |", "|---|" + "---|" * len(kinds_c)]
     for m, s in summary.items():
-        lines.append(f"| {METHODS.get(m, m)} | " + " | ".join(_fmt(*s["critical_eps"][k]) for k in kinds_c) + " |")
+        lines.append(f"| {METHODS.get(m, m)} | " + " | ".join(_fmt_sig(*s["critical_eps"][k]) for k in kinds_c) + " |")
     if any("hessian" in s for s in summary.values()):
         lines += ["", "### Curvature (training data)", "", "| method | top Hessian eigenvalue | Hessian trace |", "|---|---|---|"]
         for m, s in summary.items():
