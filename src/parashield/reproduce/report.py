@@ -202,6 +202,12 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
         for kind in CORRUPTIONS:
             cells = " | ".join(_fmt(*g[kind]["metric"], digits=4) for g in s["grid"])
             lines.append(f"| {METHODS.get(m, m)} | {kind} | {cells} |")
+    lines += ["", "### test loss under corruption", ""]
+    lines += [header, "|---|---|" + "---|" * len(grid0)]
+    for m, s in summary.items():
+        for kind in CORRUPTIONS:
+            cells = " | ".join(_fmt(*g[kind]["loss"], digits=3) for g in s["grid"])
+            lines.append(f"| {METHODS.get(m, m)} | {kind} | {cells} |")
     lines += ["", "### Loss change indicators (training data)", ""]
     kinds = list(grid0[0]["indicators"])
     lines += ["| method | eps | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
