@@ -495,3 +495,27 @@ def test_bitflip_experiments_are_cached_and_reported(name, tmp_path, monkeypatch
     text = report.read_text()
     assert "under bit flips (int8 weights" in text and "searched flips to halve" in text
     assert (tmp_path / "report" / f"{name}_bitflips.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def _flip_summary(halves, budget, random_top):
+    halved = [h for h in halves if h is not None]
+    return {"seeds": len(halves), "halved": len(halved), "budget": budget,
+            "flips_to_halve": (sum(halved) / len(halved), 0.0) if halved else (math.nan, math.nan),
+            "lower_bound": sum(budget if h is None else h for h in halves) / len(halves),
+            "random": {10: (0.9, 0.0), 1000: (random_top, 0.0)}}
+
+
+@pytest.mark.parametrize("plain,apd,expected", [
+    (([50, 60, 40], 0.90), ([None, None, None], 0.91), ("carries over", True, True)),  # digits-like
+    (([None] * 3, 0.97), ([None] * 3, 0.96), ("does not carry over", None, False)),  # nobody halved
+    (([2, 3, 2], 0.53), ([2, 1, 3], 0.60), ("partly carries over", False, True)),  # fashion-like
+    (([None, 5, 5], 0.50), ([4, 4, 4], 0.40), ("does not carry over", False, False)),  # a never-halved seed counts at the budget
+])
+def test_bitflip_verdict_rules(plain, apd, expected):
+    from parashield.reproduce.report import bitflip_verdict
+
+    summary = {"plain": _flip_summary(plain[0], 30, plain[1]), "sam": _flip_summary([1, 1, 1], 30, 0.5),
+               "apd3": _flip_summary(apd[0], 30, apd[1])}
+    v = bitflip_verdict(summary)
+    assert (v["verdict"], v["searched"], v["random"]) == expected and v["method"] == "apd3" and v["top"] == 1000
+    assert bitflip_verdict({"plain": summary["plain"]}) is None
