@@ -514,8 +514,8 @@ def _flip_summary(halves, budget, random_top):
 def test_bitflip_verdict_rules(plain, apd, expected):
     from parashield.reproduce.report import bitflip_verdict
 
-    summary = {"plain": _flip_summary(plain[0], 30, plain[1]), "sam": _flip_summary([1, 1, 1], 30, 0.5),
-               "apd3": _flip_summary(apd[0], 30, apd[1])}
+    summary = {"plain": _flip_summary(plain[0], 150, plain[1]), "sam": _flip_summary([1, 1, 1], 150, 0.5),
+               "apd3": _flip_summary(apd[0], 150, apd[1])}
     v = bitflip_verdict(summary)
     assert (v["verdict"], v["searched"], v["random"]) == expected and v["method"] == "apd3" and v["top"] == 1000
     assert bitflip_verdict({"plain": summary["plain"]}) is None
