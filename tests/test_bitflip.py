@@ -209,3 +209,27 @@ def test_progressive_search_records_each_flip_and_stops_at_target():
     with ps.corrupted(model, res):
         assert _accuracy(model) == res.metric_history[-1]
     assert res.as_dict()["flips"] == n and math.isfinite(res.as_dict()["loss_change"])
+
+
+def test_channels_last_weights_flip_and_restore_exactly():
+    """Codes and flips address elements in row-major order whatever the parameter's layout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    x = torch.randn(8, 2, 6, 6)
+    y = torch.randint(0, 3, (8,))
+    obj = ps.Objective(model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y))
+    q = quantize_(model)
+    snap = _snapshot(model)
+    for res in (RandomBitFlip(30, quantization=q, seed=1)(obj), ProgressiveBitSearch(q, max_flips=3)(obj)):
+        with ps.corrupted(model, res):
+            named = dict(model.named_parameters())
+            for k, name in enumerate(q.names):
+                now = torch.round(named[name].detach() / q.scales[k]).to(torch.int16).to(torch.int8)
+                diff = (now.contiguous().view(torch.uint8) ^ q.codes[k].view(torch.uint8)).view(-1)
+                expected = torch.zeros_like(diff)
+                for n, i, b in res.flips:
+                    if n == name:
+                        expected[i] ^= 1 << b
+                assert torch.equal(diff, expected)
+        assert _same(model, snap)

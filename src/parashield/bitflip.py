@@ -139,7 +139,7 @@ class _Target:
         ints: dict[int, Tensor] = {}
         for name, index, bit in flips:
             i = pos[name]
-            flat = ints.setdefault(i, self.ints[i].clone()).view(-1)
+            flat = ints.setdefault(i, self.ints[i].clone(memory_format=torch.contiguous_format)).view(-1)
             flat[index] = self.toggle(flat[index], bit)
         return {self.names[i]: self.q.dequantize_one(i, t) if self.q is not None else t.view(self.params[i].dtype)
                 for i, t in ints.items()}

@@ -86,7 +86,9 @@ def quantize_(model: nn.Module, params: ParamSpec = None, granularity: str = "ch
         raise ValueError("no parameters selected for quantization: pass params= naming float weights")
     names, plist = [n for n, _ in named], [p for _, p in named]
     scales = [_scale(p, granularity) for p in plist]
-    codes = [torch.round(p.detach().float() / s).clamp_(-QMAX, QMAX).to(torch.int8) for p, s in zip(plist, scales)]
+    # Codes are contiguous whatever the parameter's layout: flips address them by row-major index.
+    codes = [torch.round(p.detach().float() / s).clamp_(-QMAX, QMAX).to(torch.int8).contiguous()
+             for p, s in zip(plist, scales)]
     q = Int8Quantization(names, plist, codes, scales, granularity)
     with torch.no_grad():
         torch._foreach_copy_(plist, q.dequantize())
