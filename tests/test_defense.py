@@ -304,15 +304,13 @@ GEOMETRIES = [
 
 @pytest.mark.parametrize("make", GEOMETRIES)
 @pytest.mark.parametrize("include_clean", [True, False], ids=["clean", "noclean"])
-@pytest.mark.parametrize("flat_params", [False, True], ids=["", "flat"])
-def test_apd_matches_hand_computed_trajectory(make, include_clean, flat_params):
+def test_apd_matches_hand_computed_trajectory(make, include_clean):
     budget, geom = make()
     K, lr = 3, 0.2
     alpha = 1.5 * budget.eps / K  # the documented default step size
     model = mlp(1)
     ref = copy.deepcopy(model)
-    opt = ps.APD(model.parameters(), torch.optim.SGD, budget=budget, steps=K, include_clean=include_clean, lr=lr,
-                 flat_params=flat_params)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, budget=budget, steps=K, include_clean=include_clean, lr=lr)
     assert opt.step_size == pytest.approx(alpha)
     for step in range(3):
         x, y = batch(step)
@@ -1059,7 +1057,6 @@ BAD_APD = [
     (dict(budget=0.05), TypeError, "budget"),
     (dict(include_clean="no"), TypeError, "include_clean"),
     (dict(seed="x"), TypeError, "seed"),
-    (dict(flat_params="yes"), TypeError, "flat_params"),
 ]
 
 
@@ -1189,52 +1186,3 @@ def test_nan_loss_term_without_gradient_is_caught_and_w_restored():
     with pytest.raises(ps.NonFiniteGradientError, match="t = 2"):
         opt.step(closure)
     assert all(torch.equal(a, b) for a, b in zip(clean, model.parameters()))
-
-
-# ---------------------------------------------------------------------------------------------
-# flat parameter storage (the many-tensor fast path)
-# ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [
-    lambda m: ps.APD(m.parameters(), torch.optim.SGD, budget=ps.Budget("l2", 0.3), steps=3, lr=0.1, momentum=0.9),
-    lambda m: ps.APD(m.parameters(), torch.optim.Adam, budget=ps.Budget("linf", 0.05, scale="layer"), steps=2, lr=0.01),
-    lambda m: ps.APD(m.parameters(), torch.optim.SGD, steps=2, corrupt=list(m[0].parameters()), lr=0.1),
-    lambda m: ps.SAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1),
-    lambda m: ps.RandomWeightPerturbation(m.parameters(), torch.optim.SGD, steps=2, lr=0.1),
-], ids=["apd", "apd-layer-adam", "apd-subset", "sam", "rwp"])
-def test_flat_params_give_bit_identical_training(make):
-    """Flat storage changes where the parameters live, not one bit of what training computes."""
-    a, b = mlp(3), mlp(3)
-    opt_a = make(a)
-    opt_b = make(b)
-    opt_b.flat_params = True
-    for step in range(4):
-        x, y = batch(step)
-        opt_a.step(closure_for(opt_a, a, x, y))
-        opt_b.step(closure_for(opt_b, b, x, y))
-        assert_params_equal(b, clone_params(a))
-        assert all(torch.equal(p.grad, q.grad) for p, q in zip(a.parameters(), b.parameters()))
-    storages = {p.untyped_storage().data_ptr() for p in b.parameters()}
-    assert len(storages) == 1 and len({p.untyped_storage().data_ptr() for p in a.parameters()}) > 1
-
-
-def test_flat_params_restore_on_exception_and_survive_a_dtype_change():
-    model = mlp(0, dtype=torch.float32)
-    opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1, flat_params=True)
-    x, y = batch(0, dtype=torch.float32)
-    opt.step(closure_for(opt, model, x, y))
-    w = clone_params(model)
-
-    def failing():
-        opt.zero_grad()
-        loss = mse(model, x, y)
-        loss.backward()
-        raise KeyError("user error")
-
-    with pytest.raises(KeyError):
-        opt.step(failing)
-    assert_params_equal(model, w)
-    model.double()  # moves every parameter off the flat buffer: the next step rebuilds it
-    x, y = batch(1)
-    opt.step(closure_for(opt, model, x, y))
-    assert all(p.dtype == F64 for p in model.parameters())
-    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) == 1

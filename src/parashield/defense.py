@@ -68,7 +68,7 @@ class _Workspace:
     parameters without a gradient keep ``.grad = None`` as under ``zero_grad(set_to_none=True)``.
     """
 
-    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool, flat_params: bool) -> None:
+    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
         self.params = params
         self.key = _workspace_key(params)
         self.corrupted = [p for p in params if corrupt_ids is None or id(p) in corrupt_ids]
@@ -77,22 +77,10 @@ class _Workspace:
         self.gsum = _FlatBuffer(params)
         self.grad = _FlatBuffer(params)
         self.cgrad_views = [self.grad.views[index[id(p)]] for p in self.corrupted]
-        all_corrupted = len(self.corrupted) == len(params)
-        whole = all_corrupted and not layerwise
+        whole = len(self.corrupted) == len(params) and not layerwise
         # The budget sees whole flat buffers where its maths allows (global norms), else tensors.
         self.budget_grads = self.grad.flats if whole else self.cgrad_views
         self.budget_clean = self.clean.flats if whole else self.clean.views
-        # Operands of the elementwise bookkeeping (parameters, gradients, clean copy), aligned.
-        self.p_ops, self.g_ops, self.c_ops = self.corrupted, self.cgrad_views, self.clean.views
-        self.pbuf: Optional[_FlatBuffer] = None
-        if flat_params:  # parameters become views of one buffer: one kernel per operation
-            self.pbuf = _FlatBuffer(params)
-            with torch.no_grad():
-                for p, v in zip(params, self.pbuf.views):
-                    v.copy_(p)
-                    p.data = v
-            if all_corrupted:
-                self.p_ops, self.g_ops, self.c_ops = self.pbuf.flats, self.grad.flats, self.clean.flats
         self._flags: Optional[Tensor] = None
         self.reached = [False] * len(params)
         self.watching = [False]  # a cell the hooks share; they hold no reference to the workspace
@@ -135,14 +123,9 @@ class _Workspace:
 
     def intact(self) -> bool:
         """False once something (``model.to(...)``, ``.double()``) moved a bound gradient view
-        (or, with flat parameters, a parameter) off its buffer: then the workspace is rebuilt."""
+        off the buffer: then the workspace is rebuilt."""
         ptrs = {f.untyped_storage().data_ptr() for f in self.grad.flats}
-        if not all(v.untyped_storage().data_ptr() in ptrs for v in self.grad.views):
-            return False
-        if self.pbuf is None:
-            return True
-        ptrs = {f.untyped_storage().data_ptr() for f in self.pbuf.flats}
-        return all(p.untyped_storage().data_ptr() in ptrs for p in self.params)
+        return all(v.untyped_storage().data_ptr() in ptrs for v in self.grad.views)
 
     def close(self) -> None:
         self._finalizer()
@@ -237,11 +220,6 @@ class APD(torch.optim.Optimizer):
             of the workers' batches.
         model: the DDP-wrapped model (only needed for ``distributed="local"`` under DDP).
         seed: seed of the random corruptions (``corruption="random"``).
-        flat_params: store the parameters as views of one contiguous buffer (made at the first
-            step, values unchanged) so that each bookkeeping operation is one kernel instead of
-            one per tensor: faster for models with many small tensors. Their storage is then
-            shared: ``torch.save(model.state_dict())`` is unaffected, but safetensors refuses
-            shared tensors (save ``{k: v.clone() for k, v in sd.items()}``).
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
     """
 
@@ -258,7 +236,6 @@ class APD(torch.optim.Optimizer):
         distributed: str = "local",
         model: Optional[nn.Module] = None,
         seed: int = 0,
-        flat_params: bool = False,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -276,8 +253,6 @@ class APD(torch.optim.Optimizer):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        if not isinstance(flat_params, bool):
-            raise TypeError(f"flat_params must be a bool, got {flat_params!r}")
         if distributed == "local" and model is None and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "
@@ -298,7 +273,6 @@ class APD(torch.optim.Optimizer):
         self.corruption = corruption
         self.distributed = distributed
         self.model = model
-        self.flat_params = flat_params
         self._corrupt_ids = None if corrupt is None else _corrupt_ids(corrupt, self.param_groups)
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: Optional[_Workspace] = None
@@ -318,7 +292,7 @@ class APD(torch.optim.Optimizer):
         if ws is None or ws.key != _workspace_key(params) or not ws.intact():
             if ws is not None:
                 ws.close()
-            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", self.flat_params)
+            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
         return ws
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -344,13 +318,13 @@ class APD(torch.optim.Optimizer):
         else:
             self.budget.steepest_(grads, clean, radius=self.step_size)
             if t > 0:  # a_t = (w + a_t) - w; a_0 = 0 needs no recovery
-                torch._foreach_add_(ws.g_ops, ws.p_ops)
-                torch._foreach_sub_(ws.g_ops, ws.c_ops)
+                torch._foreach_add_(ws.cgrad_views, ws.corrupted)
+                torch._foreach_sub_(grads, ws.budget_clean)
             if t > 0 or self.step_size > self.budget.eps:  # a_1 = steepest of radius alpha <= eps is in S
                 self.budget.project_(grads, clean)
         if t > 0:  # after the clean pass the parameters are w already
-            torch._foreach_copy_(ws.p_ops, ws.c_ops)
-        torch._foreach_add_(ws.p_ops, ws.g_ops)
+            torch._foreach_copy_(ws.corrupted, ws.clean.views)
+        torch._foreach_add_(ws.corrupted, ws.cgrad_views)
 
     def trajectory(self, scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator[int]:
         """Two-phase API for loops that cannot pass a closure: iterate, and do one forward and
@@ -389,7 +363,7 @@ class APD(torch.optim.Optimizer):
                     if t == 0:
                         if not any(ws.reached) and not any(bool(f.any()) for f in ws.grad.flats):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
-                        torch._foreach_copy_(ws.c_ops, ws.p_ops)
+                        torch._foreach_copy_(ws.clean.views, ws.corrupted)
                         ws.geometry = Geometry(ws.budget_clean)  # scales of this step's w, once
                         started = True
                     grads = ws.grad.flats
@@ -403,7 +377,7 @@ class APD(torch.optim.Optimizer):
                         for flat in grads:  # as zero_grad, for a body that does not call it
                             flat.zero_()
             with torch.no_grad():
-                torch._foreach_copy_(ws.p_ops, ws.c_ops)
+                torch._foreach_copy_(ws.corrupted, ws.clean.views)
                 restored = True
                 count = self.steps + (1 if self.include_clean else 0)
                 if self._ddp_local():
@@ -433,7 +407,7 @@ class APD(torch.optim.Optimizer):
             ws.watch(False)
             if started and not restored:
                 with torch.no_grad():
-                    torch._foreach_copy_(ws.p_ops, ws.c_ops)
+                    torch._foreach_copy_(ws.corrupted, ws.clean.views)
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
