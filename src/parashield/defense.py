@@ -28,7 +28,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._checks import check_budget, check_count, step_size_or_default
 from .budget import Budget, Geometry
-from .budget import _foreach_norm as foreach_norm
 
 Tensors = list[Tensor]
 
@@ -367,7 +366,10 @@ class APD(torch.optim.Optimizer):
                         ws.geometry = Geometry(ws.budget_clean)  # scales of this step's w, once
                         started = True
                     grads = ws.grad.flats
-                    flags[t] = torch.stack(foreach_norm(grads, 2.0)).to(flags).sum()
+                    # Finiteness probe: a NaN/Inf entry makes the sum non-finite. A sum squares
+                    # nothing, so it overflows later than a norm would and small gradients do
+                    # not turn into slow denormal arithmetic (half precision sums in float32).
+                    flags[t] = sum(g.sum(dtype=torch.float32 if g.element_size() < 4 else None).to(flags) for g in grads)
                     if t == 0 if self.include_clean else t == 1:
                         torch._foreach_copy_(ws.gsum.flats, grads)
                     elif t > 0:
