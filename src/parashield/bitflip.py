@@ -243,41 +243,29 @@ class ProgressiveBitSearch:
         flips: list[Flip] = []
         history, metrics, passes = [before], [], 1
         codes = [c.clone() for c in target.ints]
-        saved = [p.detach().clone() for p in target.params]
-
-        def load(codes: list[Tensor]) -> None:
-            with torch.no_grad():
-                torch._foreach_copy_(target.params, target.q.dequantize(codes))
-
-        try:
+        with sub.probe() as pr, torch.no_grad():  # the probe restores the parameters on exit
             if self.metric is not None:
                 metrics.append(float(self.metric(objective.model)))
             while len(flips) < self.max_flips and not (metrics and self.target is not None and metrics[-1] <= self.target):
-                load(codes)
-                _, grads = sub.gradient()
+                _, grads = pr.gradient()
                 passes += 1
                 best: Optional[tuple[float, Flip]] = None
-                for i, name in enumerate(target.names):
+                for i, (name, p) in enumerate(zip(target.names, target.params)):
                     for j, b in zip(*(t.tolist() for t in self._ranked(target, i, grads[i], codes[i]))):
-                        trial = codes[i].clone()
-                        trial.view(-1)[j] = target.toggle(trial.view(-1)[j], b)
-                        with torch.no_grad():
-                            target.params[i].copy_(target.q.dequantize_one(i, trial))
-                        loss = _loss(sub)
+                        at = torch.unravel_index(torch.tensor(j), p.shape)  # row-major index, any layout
+                        old = p[at].clone()
+                        p[at] = (target.toggle(codes[i].view(-1)[j], b).float() * target.q.scale_at(i, j)).to(p.dtype)
+                        loss = overflow_to_inf(pr.loss())
+                        p[at] = old
                         passes += 1
                         if best is None or loss > best[0]:
                             best = (loss, (name, j, b))
-                    with torch.no_grad():
-                        target.params[i].copy_(target.q.dequantize_one(i, codes[i]))
                 loss, (name, j, b) = best
                 i = target.names.index(name)
                 codes[i].view(-1)[j] = target.toggle(codes[i].view(-1)[j], b)
+                target.params[i].copy_(target.q.dequantize_one(i, codes[i]))
                 flips.append((name, j, b))
                 history.append(loss)
                 if self.metric is not None:
-                    load(codes)
                     metrics.append(float(self.metric(objective.model)))
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(target.params, saved)
         return target.result(objective, flips, "progressive_bit_search", before, passes, history, metrics)

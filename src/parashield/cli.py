@@ -54,7 +54,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
         task = _load_task(name, quick=args.quick)
-        methods = chosen or task.methods
+        methods = chosen or task.methods or tuple(METHODS)
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
         results["tasks"][name] = run(task, methods, seeds, out)

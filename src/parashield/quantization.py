@@ -59,6 +59,11 @@ class Int8Quantization:
         codes = self.codes if codes is None else codes
         return [self.dequantize_one(i, c) for i, c in enumerate(codes)]
 
+    def scale_at(self, i: int, index: int) -> Tensor:
+        """The scale of element ``index`` (row-major) of tensor i."""
+        s = self.scales[i].reshape(-1)
+        return s[index // (self.codes[i].numel() // len(s))]
+
     def dequantize_one(self, i: int, codes: Tensor) -> Tensor:
         """``codes * scale`` of tensor i, in its parameter's dtype."""
         return (codes.float() * self.scales[i]).to(self.params[i].dtype)

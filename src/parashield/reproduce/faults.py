@@ -69,8 +69,9 @@ def run_bitflips(task: Task, methods: tuple[str, ...], seeds: int, out: Path) ->
         train_key = run_key(task, method, seed)
         key = config_hash({"run": train_key, "bitflips": task.bitflips})
         cache = folder / "bitflips.json"
-        if cache.exists() and json.loads(cache.read_text()).get("key") == key:
-            results.append(json.loads(cache.read_text()))
+        cached = json.loads(cache.read_text()) if cache.exists() else {}
+        if cached.get("key") == key:
+            results.append(cached)
             continue
         done = folder / "eval.json"
         if not done.exists() or json.loads(done.read_text()).get("key") != train_key:

@@ -194,20 +194,14 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
     lines += ["| method | clean " + metric + " | clean loss | train s/run |", "|---|---|---|---|"]
     for m, s in summary.items():
         lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['clean_metric'], digits=4)} | {_fmt(*s['clean_loss'])} | {train_times.get(m, 0):.1f} |")
-    lines += ["", f"### {metric} under corruption", ""]
     grid0 = next(iter(summary.values()))["grid"]
     header = "| method | corruption | " + " | ".join(f"{g['scale']} {g['eps']}" for g in grid0) + " |"
-    lines += [header, "|---|---|" + "---|" * len(grid0)]
-    for m, s in summary.items():
-        for kind in CORRUPTIONS:
-            cells = " | ".join(_fmt(*g[kind]["metric"], digits=4) for g in s["grid"])
-            lines.append(f"| {METHODS.get(m, m)} | {kind} | {cells} |")
-    lines += ["", "### test loss under corruption", ""]
-    lines += [header, "|---|---|" + "---|" * len(grid0)]
-    for m, s in summary.items():
-        for kind in CORRUPTIONS:
-            cells = " | ".join(_fmt(*g[kind]["loss"], digits=3) for g in s["grid"])
-            lines.append(f"| {METHODS.get(m, m)} | {kind} | {cells} |")
+    for field, title, digits in (("metric", metric, 4), ("loss", "test loss", 3)):
+        lines += ["", f"### {title} under corruption", "", header, "|---|---|" + "---|" * len(grid0)]
+        for m, s in summary.items():
+            for kind in CORRUPTIONS:
+                cells = " | ".join(_fmt(*g[kind][field], digits=digits) for g in s["grid"])
+                lines.append(f"| {METHODS.get(m, m)} | {kind} | {cells} |")
     lines += ["", "### Loss change indicators (training data)", ""]
     kinds = list(grid0[0]["indicators"])
     lines += ["| method | eps | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]

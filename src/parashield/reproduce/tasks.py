@@ -50,8 +50,9 @@ class Task:
     #: bit-flip experiment settings (see ``reproduce.faults``), None for none; cached apart from
     #: the runs, so not part of :meth:`config`.
     bitflips: Optional[dict] = None
-    #: methods a full reproduction trains (the CLI's default for this task): sized to the hour
-    methods: tuple = ("plain", "one_step", "sam", "apd2", "apd3", "apd5")
+    #: methods a full reproduction trains (the CLI's default for this task; None: all of
+    #: ``runner.METHODS``), sized to the hour
+    methods: Optional[tuple] = None
     seeds: int = 3  #: seeds of a full reproduction (the CLI's default for this task)
     bitflip_methods: tuple = ("plain", "sam", "apd3")
     #: ``tiny(examples) -> dict`` of task-specific field overrides for :meth:`shrink` (e.g. a
