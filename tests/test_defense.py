@@ -58,6 +58,16 @@ def clone_params(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+@pytest.fixture(params=["gathered", "per_tensor"])
+def bookkeeping(request, monkeypatch):
+    """Both bookkeeping layouts: the CPU's gradients gathered into one flat buffer, and the
+    accelerators' per-tensor gradients with fused ``_foreach`` ops (run here on the CPU)."""
+    from parashield.defense import _Workspace
+
+    monkeypatch.setattr(_Workspace, "gather_on_cpu", request.param == "gathered")
+    return request.param
+
+
 def assert_params_equal(model, saved):
     for p, s in zip(model.parameters(), saved):
         assert torch.equal(p.detach(), s), "parameters are not bit-for-bit the saved ones"
@@ -199,7 +209,7 @@ BASES = [
 @pytest.mark.parametrize(
     "adaptive,eta", [(False, 0.01), (True, 0.01), (True, 0.0)], ids=["sam", "asam-eta0.01", "asam-eta0"]
 )
-def test_sam_matches_reference(base, kw, adaptive, eta):
+def test_sam_matches_reference(base, kw, adaptive, eta, bookkeeping):
     rho = 0.05 if not adaptive else 0.5
     model = mlp(0)
     ref = copy.deepcopy(model)
@@ -304,7 +314,7 @@ GEOMETRIES = [
 
 @pytest.mark.parametrize("make", GEOMETRIES)
 @pytest.mark.parametrize("include_clean", [True, False], ids=["clean", "noclean"])
-def test_apd_matches_hand_computed_trajectory(make, include_clean):
+def test_apd_matches_hand_computed_trajectory(make, include_clean, bookkeeping):
     budget, geom = make()
     K, lr = 3, 0.2
     alpha = 1.5 * budget.eps / K  # the documented default step size
@@ -348,7 +358,7 @@ def test_apd_projection_is_active_in_reference():
     assert max(norms) > 0.3 + 1e-3
 
 
-def test_apd_corrupt_subset_only_moves_selected_parameters():
+def test_apd_corrupt_subset_only_moves_selected_parameters(bookkeeping):
     """``corrupt=`` restricts the corruption to some parameters; the others still get the averaged
     gradient."""
     K, lr, eps = 2, 0.2, 0.3
@@ -393,7 +403,7 @@ def test_one_step_defense_is_apd_k1(preset):
         assert_close(model.parameters(), ref.parameters(), atol=1e-9)
 
 
-def test_random_weight_perturbation_uses_seeded_boundary_samples():
+def test_random_weight_perturbation_uses_seeded_boundary_samples(bookkeeping):
     eps, K, lr, seed = 0.2, 3, 0.1, 7
     budget = ps.Budget("l2", eps)
     model = mlp(4)
@@ -587,7 +597,7 @@ def test_add_param_group_equals_constructing_with_groups():
         assert torch.equal(p, p2)
 
 
-def test_gradient_clipping_between_trajectory_and_step():
+def test_gradient_clipping_between_trajectory_and_step(bookkeeping):
     eps, K, lr, max_norm = 0.3, 3, 0.5, 0.05
     model = mlp(1)
     ref = copy.deepcopy(model)
@@ -961,7 +971,7 @@ def test_checkpoint_load_is_weights_only(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad_call,name", [(1, "clean"), (2, "t = 1"), (3, "t = 2"), (4, "t = 3")])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_pass_raises_naming_it_and_restores_w(bad_call, name, bad):
+def test_nonfinite_pass_raises_naming_it_and_restores_w(bad_call, name, bad, bookkeeping):
     model = mlp(0)
     opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1, momentum=0.9)
     x, y = batch(0)
@@ -991,7 +1001,7 @@ def test_nonfinite_pass_raises_naming_it_and_restores_w(bad_call, name, bad):
     assert not torch.equal(model[0].weight, w[0])
 
 
-def test_exception_in_closure_leaves_w_bit_for_bit():
+def test_exception_in_closure_leaves_w_bit_for_bit(bookkeeping):
     model = mlp(0)
     opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1)
     x, y = batch(0)
@@ -1015,7 +1025,7 @@ def test_exception_in_closure_leaves_w_bit_for_bit():
 
 
 @pytest.mark.parametrize("stop", [0, 1, 2, 3])
-def test_break_out_of_trajectory_restores_w(stop):
+def test_break_out_of_trajectory_restores_w(stop, bookkeeping):
     model = mlp(0)
     opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1)
     x, y = batch(0)
@@ -1167,7 +1177,7 @@ def test_apd_more_robust_than_sgd_on_digits():
         assert results["apd"][eps] > results["sgd"][eps] + 0.05, results
 
 
-def test_nan_loss_term_without_gradient_is_caught_and_w_restored():
+def test_nan_loss_term_without_gradient_is_caught_and_w_restored(bookkeeping):
     """A NaN that only the loss carries (no gradient, e.g. an added constant) still stops the step."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()

@@ -80,7 +80,12 @@ def _stacked_norms(ts: Sequence[Tensor], p: float) -> Tensor:
 
 def _safe_ratio(num: Union[Tensor, float], den: Tensor) -> Tensor:
     """``num / den`` where ``den > 0``, else 0: a zero gradient gives a zero corruption."""
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
+    return torch.where(den > 0, num / den, 0.0)
+
+
+def _shrink_factor(radius: Union[Tensor, float], norm: Tensor) -> Tensor:
+    """``min(1, radius / norm)``: the factor that brings a vector of this norm into the ball."""
+    return torch.where(norm > radius, radius / norm, 1.0)
 
 
 def _flat(ts: Sequence[Tensor]) -> Tensor:
@@ -176,7 +181,7 @@ def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]
     out = torch.sign(x) * (ax - lam * c).clamp_min(0)
     # |x_i| - lam c_i cancels when r << |x|; a final rescale guarantees feasibility.
     used = (c * out.abs()).sum()
-    out = out * torch.clamp(_safe_ratio(r, used), max=1.0)
+    out = out * _shrink_factor(r, used)
     return torch.where(total <= r, x, out)
 
 
@@ -213,6 +218,11 @@ class Geometry(abc.Sequence):
         self.params = [w.detach() for w in params]
         self._scale: dict[float, Tensors] = {}
         self._norms: dict[float, Tensor] = {}
+
+    def refresh(self) -> None:
+        """Forget the cached scales: the values of w were changed in place."""
+        self._scale.clear()
+        self._norms.clear()
 
     def __getitem__(self, i):  # type: ignore[override]
         return self.params[i]
@@ -362,7 +372,7 @@ class Budget:
                 for a, rl in zip(deltas, radii.unbind()):
                     a.clamp_(-rl, rl)
             elif self.norm == "l2":
-                factors = torch.clamp(_safe_ratio(radii, _stacked_norms(deltas, 2.0)), max=1.0)
+                factors = _shrink_factor(radii, _stacked_norms(deltas, 2.0))
                 torch._foreach_mul_(deltas, list(factors.unbind()))
             else:
                 for a, rl in zip(deltas, radii.unbind()):
@@ -373,7 +383,7 @@ class Budget:
                 torch._foreach_clamp_min_(deltas, -r)
                 torch._foreach_clamp_max_(deltas, r)
             else:
-                torch._foreach_mul_(deltas, torch.clamp(_safe_ratio(r, _global_norm(deltas, 2.0)), max=1.0))
+                torch._foreach_mul_(deltas, _shrink_factor(r, _global_norm(deltas, 2.0)))
             return deltas
         if s is None and self.norm != "l1":  # n-sparse L2 / L-inf ball: in place, no flat copy
             scores = torch._foreach_abs(deltas)
@@ -387,7 +397,7 @@ class Budget:
                 _keep_top_n_(deltas, scores, self.sparsity, lambda v: v.clamp(-r, r))
             else:  # the norm of the kept values: no pass over the full tensors
                 _keep_top_n_(deltas, scores, self.sparsity,
-                             lambda v: v * torch.clamp(_safe_ratio(r, torch.linalg.vector_norm(v)), max=1.0))
+                             lambda v: v * _shrink_factor(r, torch.linalg.vector_norm(v)))
             return deltas
         flat = _flat(deltas)
         sflat = _flat(s) if s is not None else None
@@ -408,7 +418,7 @@ class Budget:
             flat = torch.maximum(torch.minimum(flat, bound), -bound)
         elif self.norm == "l2":
             if sflat is None:
-                flat.mul_(torch.clamp(_safe_ratio(r, torch.linalg.vector_norm(flat)), max=1.0))
+                flat.mul_(_shrink_factor(r, torch.linalg.vector_norm(flat)))
             else:
                 flat = _project_l2_weighted(flat, r, sflat)
         else:

@@ -7,18 +7,18 @@ the gradient at w + a_t; the base optimizer then steps from the clean w with the
 g_0..g_K (``include_clean=True``) or g_1..g_K. Exactly K+1 forward/backward passes.
 
 Bookkeeping uses two parameter-sized buffers: ``w`` (so that the clean parameters come back bit for
-bit) and the gradient sum (flat, so that DDP needs one all-reduce). During a trajectory every
-``.grad`` is a view of one flat gradient buffer, which replaces the gradients' own memory; the
-corruption lives there between passes: after pass t the buffer is turned in place into
-``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is recovered up to one rounding of w), the
-parameters are set to ``w + a_{t+1}``, and the buffer is zeroed for the next pass.
+bit) and the gradient sum (flat, so that DDP needs one all-reduce). Each pass's gradients stay
+where autograd put them and are the scratch memory of the corruption: after pass t they are added
+to the sum and turned in place into ``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is
+recovered up to one rounding of w), and the parameters are set to ``w + a_{t+1}``. Every step of
+this is one ``torch._foreach_*`` call over all tensors (one fused kernel on CUDA), with no hooks,
+no host sync until the single finiteness check at the end, and no allocation besides autograd's.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -55,79 +55,61 @@ class _FlatBuffer:
 
 
 class _Workspace:
-    """What one parameter set needs, allocated once: ``clean`` (w of the corrupted parameters),
-    ``gsum`` (the gradient sum) and ``grad``, a flat buffer that every ``.grad`` is a view of
-    during a trajectory, so that backward accumulates into it in place and each bookkeeping
-    operation is one kernel over the whole buffer instead of one per tensor. ``grad`` replaces
-    the gradients' own memory (gradients put elsewhere, e.g. after the user set ``.grad`` to None,
-    are copied in): the extra memory is ``clean`` and ``gsum``. A ``.grad`` tensor kept from an
-    earlier step is overwritten by the next trajectory; clone it to keep it.
+    """What one parameter set needs, allocated once: ``clean`` (w of the corrupted parameters)
+    and ``gsum`` (the gradient sum, flat so that DDP needs one all-reduce; after the trajectory
+    every ``.grad`` is a view of it holding the average).
 
-    A post-accumulate-grad hook records which parameters the clean pass reached, so that
-    parameters without a gradient keep ``.grad = None`` as under ``zero_grad(set_to_none=True)``.
+    The gradients of each pass stay where autograd put them and are the scratch memory of the
+    corruption: on an accelerator every bookkeeping operation is one fused ``_foreach`` kernel
+    over all tensors, and the extra memory is ``clean`` and ``gsum``. On the CPU a ``_foreach``
+    op runs one kernel per tensor, which dominates when tensors are small (below ~64k entries on
+    average): there, when the budget allows whole-buffer maths (every parameter corrupted, no
+    per-layer scale), the gradients are gathered into a third flat buffer ``work`` by one copy
+    and the rest runs as single kernels over it, memory traded for speed.
     """
+
+    gather_on_cpu = True  # tests switch it off to run the accelerator path on the CPU
+    small_tensors = 1 << 16  # mean entries per tensor below which the CPU gathers
 
     def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
         self.params = params
         self.key = _workspace_key(params)
-        self.corrupted = [p for p in params if corrupt_ids is None or id(p) in corrupt_ids]
-        index = {id(p): i for i, p in enumerate(params)}
+        self.corrupt_index = [i for i, p in enumerate(params) if corrupt_ids is None or id(p) in corrupt_ids]
+        self.corrupted = [params[i] for i in self.corrupt_index]
         self.clean = _FlatBuffer(self.corrupted)
         self.gsum = _FlatBuffer(params)
-        self.grad = _FlatBuffer(params)
-        self.cgrad_views = [self.grad.views[index[id(p)]] for p in self.corrupted]
         whole = len(self.corrupted) == len(params) and not layerwise
-        # The budget sees whole flat buffers where its maths allows (global norms), else tensors.
-        self.budget_grads = self.grad.flats if whole else self.cgrad_views
-        self.budget_clean = self.clean.flats if whole else self.clean.views
-        self._flags: Optional[Tensor] = None
-        self.reached = [False] * len(params)
-        self.watching = [False]  # a cell the hooks share; they hold no reference to the workspace
-        hooks = [p.register_post_accumulate_grad_hook(_reach_hook(self.watching, self.reached, i))
-                 for i, p in enumerate(params)]
-        self._finalizer = weakref.finalize(self, _remove_hooks, hooks)
+        small = sum(p.numel() for p in params) < self.small_tensors * len(params)
+        gather = whole and small and self.gather_on_cpu and all(p.device.type == "cpu" for p in params)
+        self.work = _FlatBuffer(params) if gather else None
+        self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
+        self.budget_clean = self.clean.views if self.work is None else self.clean.flats
+        self.geometry = Geometry(self.budget_clean)  # refreshed at each step's w
 
-    def flags(self, n: int) -> Tensor:
-        """Per-pass finiteness probes, zeroed (allocated once)."""
-        if self._flags is None or self._flags.numel() != n:
-            self._flags = torch.zeros(n, dtype=torch.float64, device=self.params[0].device)
-        return self._flags.zero_()
-
-    def watch(self, on: bool) -> None:
-        if on:
-            self.reached[:] = [False] * len(self.reached)
-        self.watching[0] = on
-
-    def bind_grads(self) -> None:
-        """Zero the gradient buffer and make every ``.grad`` a view of it."""
-        for flat in self.grad.flats:
-            flat.zero_()
-        for p, v in zip(self.params, self.grad.views):
-            if p.grad is None or p.grad.data_ptr() != v.data_ptr():
-                p.grad = v
-
-    def collect_grads(self) -> None:
-        """After a pass: copy any gradient that was put elsewhere (the user set ``.grad`` to None,
-        or assigned it directly) into the buffer, bind it, and count its parameter as reached."""
-        for i, (p, v) in enumerate(zip(self.params, self.grad.views)):
+    def take_grads(self) -> tuple[Tensors, list[bool]]:
+        """The gradients of the pass just run, owned by the defense from here on: every ``.grad``
+        is set to None (the next pass starts from zero, as after ``zero_grad``); a parameter
+        the pass did not reach contributes zeros. Also says which parameters were reached."""
+        grads, reached = [], []
+        for p in self.params:
             g = p.grad
+            p.grad = None
+            reached.append(g is not None)
             if g is None:
-                v.zero_()
-                p.grad = v
-            elif g.data_ptr() != v.data_ptr() or g.dtype != v.dtype:
-                v.copy_(g)
-                p.grad = v
-                if self.watching[0]:
-                    self.reached[i] = True
+                g = torch.zeros_like(p)
+            elif g.is_sparse:
+                g = g.to_dense()
+            grads.append(g)
+        return grads, reached
 
-    def intact(self) -> bool:
-        """False once something (``model.to(...)``, ``.double()``) moved a bound gradient view
-        off the buffer: then the workspace is rebuilt."""
-        ptrs = {f.untyped_storage().data_ptr() for f in self.grad.flats}
-        return all(v.untyped_storage().data_ptr() in ptrs for v in self.grad.views)
-
-    def close(self) -> None:
-        self._finalizer()
+    def operands(self, grads: Tensors) -> tuple[Tensors, Tensors, Tensors]:
+        """The pass's gradient as the bookkeeping sees it: (what is summed and checked, what the
+        budget transforms into the corruption, the same per corrupted tensor)."""
+        if self.work is None:
+            corrupted = [grads[i] for i in self.corrupt_index]
+            return grads, corrupted, corrupted
+        torch._foreach_copy_(self.work.views, grads)
+        return self.work.flats, self.work.flats, self.work.views
 
 
 def _distributed() -> bool:
@@ -149,21 +131,23 @@ def _corrupt_ids(corrupt: object, groups: list) -> set:
     return {id(p) for p in items}
 
 
+def _finiteness_probe(grads: Tensors) -> Tensor:
+    """A 0-dim value that is NaN/Inf where some entry of ``grads`` is. On an accelerator the
+    largest ``|g|`` (one fused kernel, cannot overflow); on the CPU, where that reduction is not
+    vectorized (~35x slower than a sum), the sum, which overflows only past ~3e38 in total and
+    squares nothing, so small gradients do not turn into slow denormal arithmetic."""
+    if grads[0].device.type == "cpu":
+        return sum(g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads)
+    norms = torch._foreach_norm(grads, math.inf)
+    if len(norms) == 1:
+        return norms[0]
+    if len({(n.device, n.dtype) for n in norms}) > 1:
+        norms = [n.to(norms[0].device, torch.float64) for n in norms]
+    return torch.stack(norms).amax()
+
+
 def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
-
-
-def _reach_hook(watching: list, reached: list, i: int) -> Callable[[Tensor], None]:
-    def hook(_: Tensor) -> None:
-        if watching[0]:
-            reached[i] = True
-
-    return hook
-
-
-def _remove_hooks(hooks: list) -> None:
-    for h in hooks:
-        h.remove()
 
 
 @contextmanager
@@ -288,42 +272,33 @@ class APD(torch.optim.Optimizer):
 
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = self._workspace
-        if ws is None or ws.key != _workspace_key(params) or not ws.intact():
-            if ws is not None:
-                ws.close()
+        if ws is None or ws.key != _workspace_key(params):
             ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
         return ws
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As ``Optimizer.zero_grad``; inside a trajectory the gradients stay zeroed views of the
-        workspace buffer (so that backward accumulates in place) instead of becoming None."""
-        if self._in_trajectory and self._workspace is not None:
-            self._workspace.bind_grads()
-            bound = {id(p) for p in self._workspace.params}
-            for group in self.param_groups:  # e.g. frozen since the last step
-                for p in group["params"]:
-                    if id(p) not in bound:
-                        p.grad = None
-        else:
-            super().zero_grad(set_to_none)
+        """As ``Optimizer.zero_grad``; inside a trajectory the gradients always become None:
+        each pass's gradient must be autograd's own fresh tensor, which the defense consumes."""
+        super().zero_grad(set_to_none or self._in_trajectory)
 
     @torch.no_grad()
-    def _next_corruption(self, t: int, ws: _Workspace) -> None:
-        """Turn the gradient buffer (g_t) into a_{t+1} in place and move the corrupted parameters
-        to w + a_{t+1}."""
-        grads, clean = ws.budget_grads, ws.geometry
+    def _next_corruption(self, t: int, ws: _Workspace, grads: Tensors, per_tensor: Tensors) -> None:
+        """Turn the gradient g_t (``grads``, scratch from here on; ``per_tensor`` is the same
+        memory split like the corrupted parameters) into a_{t+1} in place and move the corrupted
+        parameters to w + a_{t+1}."""
+        geometry = ws.geometry
         if self.corruption == "random":
-            torch._foreach_copy_(grads, self.budget.sample(clean, self._generator))
+            torch._foreach_copy_(grads, self.budget.sample(geometry, self._generator))
         else:
-            self.budget.steepest_(grads, clean, radius=self.step_size)
+            self.budget.steepest_(grads, geometry, radius=self.step_size)
             if t > 0:  # a_t = (w + a_t) - w; a_0 = 0 needs no recovery
-                torch._foreach_add_(ws.cgrad_views, ws.corrupted)
+                torch._foreach_add_(per_tensor, ws.corrupted)
                 torch._foreach_sub_(grads, ws.budget_clean)
             if t > 0 or self.step_size > self.budget.eps:  # a_1 = steepest of radius alpha <= eps is in S
-                self.budget.project_(grads, clean)
+                self.budget.project_(grads, geometry)
         if t > 0:  # after the clean pass the parameters are w already
             torch._foreach_copy_(ws.corrupted, ws.clean.views)
-        torch._foreach_add_(ws.corrupted, ws.cgrad_views)
+        torch._foreach_add_(ws.corrupted, per_tensor)
 
     def trajectory(self, scaler: Optional["torch.amp.GradScaler"] = None) -> Iterator[int]:
         """Two-phase API for loops that cannot pass a closure: iterate, and do one forward and
@@ -334,68 +309,86 @@ class APD(torch.optim.Optimizer):
                 loss.backward()
             optimizer.step()   # base step from the clean w with the averaged gradient
 
-        Between passes the parameters are moved and the gradients zeroed, so the body need not call
-        ``zero_grad``. On exit (also on an exception or ``break`` in a ``for`` loop; a generator kept
-        in a variable restores when it is closed) the parameters are back at the clean w bit for bit. After the loop ``.grad`` holds the averaged gradient: clip it there if
-        wanted. A NaN/Inf gradient in any pass raises ``NonFiniteGradientError`` naming the pass,
-        unless a ``GradScaler`` is given, in which case the gradient is left non-finite so that
-        ``scaler.step(optimizer)`` skips the step (fp16 recipe, see README).
+        Between passes the parameters are moved and the gradients taken (``.grad`` is None at the
+        start of every pass), so the body need not call ``zero_grad``. On exit (also on an
+        exception or ``break`` in a ``for`` loop; a generator kept in a variable restores when it
+        is closed) the parameters are back at the clean w bit for bit. After the loop ``.grad``
+        holds the averaged gradient (views of one buffer that the next trajectory overwrites:
+        clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
+        ``NonFiniteGradientError`` naming the pass, unless a ``GradScaler`` is given, in which case
+        the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
+        recipe, see README).
         """
+        return self._trajectory(scaler, None)
+
+    def _trajectory(self, scaler: Optional["torch.amp.GradScaler"], losses: Optional[list]) -> Iterator[int]:
+        """The core of ``trajectory``; ``losses`` (filled by ``step`` with the closure's return
+        values, one per pass) joins the finiteness check, so a step has one host sync."""
         params = self._parameters()
         if not params:
             raise ValueError("no parameter of this optimizer requires grad")
         self._ready = False
         ws = self._workspace_for(params)
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
-        flags = ws.flags(self.steps + 1)
+        count = self.steps + (1 if self.include_clean else 0)
+        first = 0 if self.include_clean else 1
+        flags: Tensors = []  # per pass: NaN/Inf where the gradient has a NaN/Inf
+        reached: list[bool] = []
+        single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
         self._in_trajectory = True
         try:
-            self.zero_grad()  # inside the trajectory: binds the workspace, clears frozen parameters
-            ws.watch(True)
+            self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in range(self.steps + 1):
                 with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
                     yield t
                 with torch.no_grad():
-                    ws.collect_grads()
-                    ws.watch(False)
+                    grads, seen = ws.take_grads()
                     if t == 0:
-                        if not any(ws.reached) and not any(bool(f.any()) for f in ws.grad.flats):
+                        reached = seen
+                        if not any(reached):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
                         torch._foreach_copy_(ws.clean.views, ws.corrupted)
-                        ws.geometry = Geometry(ws.budget_clean)  # scales of this step's w, once
+                        ws.geometry.refresh()  # scales of this step's w, computed once
                         started = True
-                    grads = ws.grad.flats
-                    # Finiteness probe: a NaN/Inf entry makes the sum non-finite. A sum squares
-                    # nothing, so it overflows later than a norm would and small gradients do
-                    # not turn into slow denormal arithmetic (half precision sums in float32).
-                    flags[t] = sum(g.sum(dtype=torch.float32 if g.element_size() < 4 else None).to(flags) for g in grads)
-                    if t == 0 if self.include_clean else t == 1:
-                        torch._foreach_copy_(ws.gsum.flats, grads)
-                    elif t > 0:
-                        torch._foreach_add_(ws.gsum.flats, grads)
+                    if t >= first and count == 1 and not self._ddp_local():
+                        single = grads  # the average of one gradient is itself: no copy
+                        flags.append(_finiteness_probe(grads))
+                        continue
+                    summed, corrupting, per_tensor = ws.operands(grads)
+                    del grads
+                    flags.append(_finiteness_probe(summed))
+                    if t == first:
+                        torch._foreach_copy_(ws.sum_into, summed)
+                    elif t > first:
+                        torch._foreach_add_(ws.sum_into, summed)
                     if t < self.steps:
-                        self._next_corruption(t, ws)
-                        for flat in grads:  # as zero_grad, for a body that does not call it
-                            flat.zero_()
+                        self._next_corruption(t, ws, corrupting, per_tensor)
             with torch.no_grad():
                 torch._foreach_copy_(ws.corrupted, ws.clean.views)
                 restored = True
-                count = self.steps + (1 if self.include_clean else 0)
-                if self._ddp_local():
-                    import torch.distributed as dist
+                if single is None:
+                    if self._ddp_local():
+                        import torch.distributed as dist
 
-                    count *= dist.get_world_size(self.model.process_group)
+                        count *= dist.get_world_size(self.model.process_group)
+                        for flat in ws.gsum.flats:
+                            dist.all_reduce(flat, group=self.model.process_group)
                     for flat in ws.gsum.flats:
-                        dist.all_reduce(flat, group=self.model.process_group)
-                for g, total in zip(ws.grad.flats, ws.gsum.flats):
-                    torch.mul(total, 1.0 / count, out=g)
-                if not _distributed():  # under DDP every replica must step the same parameters
-                    for p, reached in zip(params, ws.reached):
-                        if not reached:  # no gradient in the clean pass: None, as plain training leaves it
-                            p.grad = None
+                        flat.mul_(1.0 / count)
+                final = ws.gsum.views if single is None else single
+                everywhere = _distributed()  # under DDP every replica must step the same parameters
+                for p, g, r in zip(params, final, reached):
+                    # no gradient in the clean pass: None, as plain training leaves it
+                    p.grad = g if r or everywhere else None
                 if scaler is None:
-                    bad = torch.nonzero(~torch.isfinite(flags))
+                    if len({(f.device, f.dtype) for f in flags}) > 1:
+                        flags = [f.to(flags[0].device, torch.float64) for f in flags]
+                    finite = torch.isfinite(torch.stack(flags))
+                    if losses and all(isinstance(v, Tensor) for v in losses):
+                        values = torch.stack([v.detach().reshape(()).to(finite.device, torch.float64) for v in losses])
+                        finite &= torch.isfinite(values)
+                    bad = torch.nonzero(~finite)
                     if bad.numel():  # the step's single host sync
                         t_bad = int(bad[0])
                         which = "the clean pass (t = 0)" if t_bad == 0 else f"corruption pass t = {t_bad}"
@@ -406,7 +399,6 @@ class APD(torch.optim.Optimizer):
             self._ready = True
         finally:
             self._in_trajectory = False
-            ws.watch(False)
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
@@ -414,25 +406,18 @@ class APD(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
         the closure exactly K+1 times, then take the base step; returns the clean loss. Without a
-        closure: take the base step after a completed ``trajectory()``."""
+        closure: take the base step after a completed ``trajectory()``. A NaN/Inf returned loss
+        stops the step like a non-finite gradient (also a loss term without gradient)."""
         if closure is None:
             if not self._ready:
                 raise RuntimeError("step() without a closure needs a completed trajectory() first")
             self._ready = False
             return self.base_optimizer.step()
-        losses = []
-        for _ in self.trajectory():
+        losses: list = []
+        for _ in self._trajectory(None, losses):
             with torch.enable_grad():
                 losses.append(closure())
         self._ready = False
-        values = [loss.detach().reshape(()) for loss in losses if isinstance(loss, Tensor)]
-        if values:  # a NaN loss term without gradient (e.g. an added constant) is caught here
-            bad = torch.nonzero(~torch.isfinite(torch.stack(values).float()))
-            if bad.numel():
-                t_bad = int(bad[0])
-                which = "the clean pass (t = 0)" if t_bad == 0 else f"corruption pass t = {t_bad}"
-                raise NonFiniteGradientError(f"non-finite loss in {which}; the parameters were restored to the "
-                                             f"clean w and no step was taken")
         self.base_optimizer.step()
         return losses[0]
 
