@@ -238,13 +238,14 @@ def bench_random_trials(device, rounds, trials=32) -> dict:
     loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1])  # noqa: E731
     obj = ps.Objective(model, loss_fn, (x, y))
     budget = ps.Budget("l2", 0.5)
-    batched = ps.RandomCorruption(budget, trials=trials, seed=0, vectorize=True)
-    naive = ps.RandomCorruption(budget, trials=trials, seed=0, vectorize=False)
+    draw_on = "cpu" if device.type == "cpu" else "device"  # both paths draw the same trials
+    batched = ps.RandomCorruption(budget, trials=trials, seed=0, vectorize=True, draw_on=draw_on)
+    naive = ps.RandomCorruption(budget, trials=trials, seed=0, vectorize=False, draw_on=draw_on)
     ra, rb = batched(obj), naive(obj)
     diff = max(abs(a - b) for a, b in zip(ra.history, rb.history))
     out = ratio(lambda: naive(obj), lambda: batched(obj), device, rounds)
     out = {"speedup": out["ratio"], **{k: v for k, v in out.items() if k != "ratio"}}
-    out.update(trials=trials, max_loss_difference=diff, params=numel(model))
+    out.update(trials=trials, max_loss_difference=diff, params=numel(model), draw_on=draw_on)
     return out
 
 

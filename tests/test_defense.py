@@ -828,6 +828,37 @@ def test_fp16_grad_scaler_recipe_cuda():
     _fp16_recipe("cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", GEOMETRIES)
+def test_cuda_trajectory_equals_cpu(make, bookkeeping):
+    """The accelerator bookkeeping (per-tensor gradients, fused kernels, max|g| probes) takes the
+    same steps as the CPU's; a NaN pass is still caught and named."""
+    budget, _ = make()
+    cpu, gpu = mlp(3), mlp(3).cuda()
+    o_c = ps.APD(cpu.parameters(), torch.optim.SGD, budget=budget, steps=3, lr=0.1, momentum=0.9)
+    o_g = ps.APD(gpu.parameters(), torch.optim.SGD, budget=budget, steps=3, lr=0.1, momentum=0.9)
+    for step in range(3):
+        x, y = batch(step)
+        o_c.step(closure_for(o_c, cpu, x, y))
+        o_g.step(closure_for(o_g, gpu, x.cuda(), y.cuda()))
+    assert_close([p.cpu() for p in gpu.parameters()], list(cpu.parameters()), atol=1e-10)
+    w = [p.detach().clone() for p in gpu.parameters()]
+    x, y = batch(9)
+    calls = []
+
+    def bad_closure():
+        calls.append(1)
+        o_g.zero_grad()
+        loss = mse(gpu, x.cuda(), y.cuda()) * (math.nan if len(calls) == 3 else 1.0)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ps.NonFiniteGradientError, match="t = 2"):
+        o_g.step(bad_closure)
+    assert all(torch.equal(a, b) for a, b in zip(w, gpu.parameters()))
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. gradient accumulation
 # ---------------------------------------------------------------------------------------------

@@ -67,3 +67,47 @@ def test_bad_vectorize_and_chunk_size():
         ps.RandomCorruption(ps.Budget(), vectorize="yes")
     with pytest.raises(ValueError, match="chunk_size"):
         ps.RandomCorruption(ps.Budget(), chunk_size=0)
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+@pytest.mark.parametrize("sparsity,scale", [(None, None), (None, "layer"), (5, None), (5, "element")])
+def test_stacked_samples_equal_successive_draws(norm, sparsity, scale):
+    """``Budget.samples`` draws row i exactly as the i-th ``sample`` call: trials do not depend on
+    the chunking, and each row lies on the budget's boundary."""
+    torch.manual_seed(2)
+    params = [torch.randn(4, 3), torch.randn(6)]
+    budget = ps.Budget(norm, 0.2, sparsity=sparsity, scale=scale)
+    gen = torch.Generator().manual_seed(7)
+    single = [budget.sample(params, gen) for _ in range(5)]
+    stacked = budget.samples(params, torch.Generator().manual_seed(7), 5)
+    assert [tuple(s.shape) for s in stacked] == [(5, 4, 3), (5, 6)]
+    for i, one in enumerate(single):
+        assert all(torch.equal(s[i], x) for s, x in zip(stacked, one))
+        assert budget.contains(one, params)
+        assert budget.measure(one, params) == pytest.approx(0.2, rel=1e-5)
+    assert not torch.equal(stacked[0][0], stacked[0][1])
+
+
+def test_trials_do_not_depend_on_chunk_size_and_draw_on_is_checked():
+    obj = _objective(1)
+    budget = ps.Budget("l1", 0.3, sparsity=20)
+    a = ps.RandomCorruption(budget, trials=11, seed=4, chunk_size=3)(obj)
+    b = ps.RandomCorruption(budget, trials=11, seed=4, chunk_size=32)(obj)
+    assert a.history == pytest.approx(b.history, rel=1e-12)
+    on_device = ps.RandomCorruption(budget, trials=11, seed=4, draw_on="device")(obj)  # CPU here
+    assert on_device.history == pytest.approx(a.history, rel=1e-12)
+    with pytest.raises(ValueError, match="draw_on"):
+        ps.RandomCorruption(budget, draw_on="gpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_draws_on_device_batched_equals_loop():
+    obj = _objective(1, torch.float32)
+    obj.model.cuda()
+    obj.data = tuple(t.cuda() for t in obj.data)
+    budget = ps.Budget("l2", 0.3, scale="layer")
+    loop = ps.RandomCorruption(budget, trials=40, seed=1, vectorize=False, draw_on="device")(obj)
+    fast = ps.RandomCorruption(budget, trials=40, seed=1, vectorize=True, draw_on="device", chunk_size=16)(obj)
+    assert fast.history == pytest.approx(loop.history, rel=1e-5)
+    assert all(d.is_cuda for d in fast.delta.values())

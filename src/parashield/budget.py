@@ -458,6 +458,15 @@ class Budget:
         uniformly random support of size n when sparse (each layer on its own sphere when
         ``scale="layer"``). Drawn from ``generator`` on its device (CPU by default), so a seed
         gives the same corruption on every device."""
+        return [s[0] for s in self.samples(params, generator, 1)]
+
+    def samples(
+        self, params: Sequence[Tensor], generator: Union[torch.Generator, int, None] = None, count: int = 1
+    ) -> Tensors:
+        """``count`` independent corruptions as :meth:`sample` draws them, stacked: one tensor of
+        shape ``(count, *w.shape)`` per parameter. One generator call draws all the directions
+        and one copy moves them to the parameters' device, so that many random trials cost a
+        few kernels, not a few per trial (``count=1`` draws what ``sample`` does)."""
         params = params if isinstance(params, Geometry) else Geometry(params)
         device, dtype = params[0].device, params[0].dtype
         if isinstance(generator, int):
@@ -465,36 +474,56 @@ class Budget:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         k = sum(w.numel() for w in params)
         m = k if self.sparsity is None else min(self.sparsity, k)
-        direction = self._unit_direction(m, generator, gen_device)
-        if m < k:
-            support = torch.randperm(k, generator=generator, device=gen_device)[:m]
-            full = torch.zeros(k, dtype=torch.float64, device=gen_device)
-            full[support] = direction
-            direction = full
-        out = [torch.empty_like(w) for w in params]
-        _unflat_(out, direction.to(device=device, dtype=dtype))
+        direction = self._unit_directions(count, m, k, generator, gen_device)
+        direction = direction.to(device=device, dtype=dtype)
+        out, offset = [], 0
+        for w in params:
+            out.append(direction[:, offset : offset + w.numel()].reshape(count, *w.shape))
+            offset += w.numel()
         if self.scale == "layer":
-            radii = self._layer_radii(params, self.eps)
-            torch._foreach_mul_(out, list(_safe_ratio(radii, _stacked_norms(out, self.p)).unbind()))
+            norms = torch.stack([torch.linalg.vector_norm(o.reshape(count, -1), self.p, dim=1) for o in out], 1)
+            factors = _safe_ratio(self._layer_radii(params, self.eps), norms)  # (count, L)
+            for o, f in zip(out, factors.unbind(1)):
+                o.mul_(f.view(count, *([1] * (o.dim() - 1))))
             return out
         torch._foreach_mul_(out, self.eps)
         if self.scale == "element":
             torch._foreach_mul_(out, self._element_scale(params))
         return out
 
-    def _unit_direction(self, m: int, generator: Optional[torch.Generator], device: torch.device) -> Tensor:
-        """Uniform on the unit p-sphere of R^m (float64)."""
+    def _unit_directions(self, count: int, m: int, k: int, generator: Optional[torch.Generator],
+                         device: torch.device) -> Tensor:
+        """``count`` rows of R^k (float64), each uniform on the unit p-sphere of a random support
+        of size m (all of R^k when m = k). Row i uses the generator exactly as the i-th of
+        successive single draws would, so the trials do not depend on how they are chunked; the
+        normalization runs once for all rows, with no host sync."""
         kw = dict(generator=generator, device=device, dtype=torch.float64)
+        u = torch.empty(count, m, dtype=torch.float64, device=device)
+        signs = torch.empty(count, m if self.norm == "l1" else 1, dtype=torch.long, device=device)
+        supports = []
+        for i in range(count):
+            if self.norm == "l2":
+                torch.randn(m, out=u[i], **kw)
+            elif self.norm == "l1":
+                torch.rand(m, out=u[i], **kw)
+                torch.randint(0, 2, (m,), out=signs[i], generator=generator, device=device)
+            else:  # L-inf: one of the 2m faces uniformly (equal areas), uniform on that face
+                torch.rand(m, out=u[i], **kw)
+                face = torch.randint(0, m, (1,), generator=generator, device=device)
+                torch.randint(0, 2, (1,), out=signs[i], generator=generator, device=device)
+                u[i].index_fill_(0, face, 2.0)  # marks the face; set to the sign below
+            if m < k:
+                supports.append(torch.randperm(k, generator=generator, device=device)[:m])
         if self.norm == "l2":
-            u = torch.randn(m, **kw)
-            return u / torch.linalg.vector_norm(u)
-        if self.norm == "l1":
+            u /= torch.linalg.vector_norm(u, dim=1, keepdim=True)
+        elif self.norm == "l1":
             # |u| ~ Dirichlet(1,...,1) is uniform on the simplex; random signs cover the sphere.
-            e = -torch.log(torch.rand(m, **kw).clamp_min(1e-300))
-            signs = torch.randint(0, 2, (m,), generator=generator, device=device).double() * 2 - 1
-            return signs * e / e.sum()
-        # L-inf sphere: pick one of the 2m faces uniformly (equal areas), uniform on that face.
-        u = torch.rand(m, **kw) * 2 - 1
-        face = int(torch.randint(0, m, (1,), generator=generator, device=device))
-        u[face] = 1.0 if bool(torch.randint(0, 2, (1,), generator=generator, device=device)) else -1.0
-        return u
+            e = -torch.log(u.clamp_min_(1e-300))
+            u = (signs.double() * 2 - 1) * e / e.sum(1, keepdim=True)
+        else:
+            u = torch.where(u == 2.0, signs.double() * 2 - 1, u * 2 - 1)
+        if m == k:
+            return u
+        full = torch.zeros(count, k, dtype=torch.float64, device=device)
+        full.scatter_(1, torch.stack(supports), u)
+        return full

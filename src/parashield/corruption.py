@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ._checks import check_budget, check_count, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
-from .objective import Objective, Probe, check_finite, overflow_to_inf
+from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
 
 Tensors = list[Tensor]
 
@@ -91,44 +91,59 @@ def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]
 class RandomCorruption:
     """``trials`` random corruptions on the boundary of the budget (seeded).
 
-    ``vectorize`` evaluates ``chunk_size`` trials at once with ``vmap`` over the stacked
-    parameter sets (``Probe.losses``): ``True`` always, ``False`` never (apply, evaluate, restore
-    per trial), ``"auto"`` (default) in eval mode, falling back to the loop with a warning where
-    the model cannot be vmapped. Both paths draw the same corruptions.
+    Trials are drawn ``chunk_size`` at a time (``Budget.samples``: one generator call and one
+    copy per chunk). ``vectorize`` evaluates a chunk at once with ``vmap`` over the stacked
+    parameter sets (``Probe.stacked_losses``): ``True`` always, ``False`` never (apply, evaluate,
+    restore per trial), ``"auto"`` (default) in eval mode, falling back to the loop with a
+    warning where the model cannot be vmapped. Both paths evaluate the same corruptions.
+    ``draw_on``: ``"cpu"`` (default) draws with a CPU generator, so a seed gives the same trials
+    on every device; ``"device"`` draws on the parameters' device (much faster on a GPU; the
+    trials then depend on the device type).
     """
 
     def __init__(self, budget: Budget, trials: int = 10, seed: int = 0, vectorize: Union[bool, str] = "auto",
-                 chunk_size: int = 32) -> None:
+                 chunk_size: int = 32, draw_on: str = "cpu") -> None:
         self.budget = check_budget(budget)
         self.trials = check_count("trials", trials)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
+        if draw_on not in ("cpu", "device"):
+            raise ValueError(f"draw_on must be 'cpu' or 'device', got {draw_on!r}")
         self.seed = seed
         self.vectorize = check_vectorize(vectorize)
         self.chunk_size = check_count("chunk_size", chunk_size)
+        self.draw_on = draw_on
 
-    def samples(self, objective: Objective) -> Iterator[Tensors]:
-        """The trial corruptions, in order (the same ones every call).
+    def sample_chunks(self, objective: Objective) -> Iterator[Tensors]:
+        """The trial corruptions, stacked ``chunk_size`` at a time (the same ones every call).
 
         Scaled budgets size them from the parameters as they are at the first draw: the caller
         may move the parameters to ``w + a`` between draws (``__call__`` does), and the next trial
         must still be relative to ``w``.
         """
-        params = Geometry([p.detach().clone() for p in objective.params])  # scales cached across trials
-        gen = torch.Generator().manual_seed(self.seed)
-        for _ in range(self.trials):
-            yield self.budget.sample(params, gen)
+        params = Geometry([p.detach().clone() for p in objective.params])  # scales cached across chunks
+        device = objective.device if self.draw_on == "device" else torch.device("cpu")
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        for start in range(0, self.trials, self.chunk_size):
+            yield self.budget.samples(params, gen, min(self.chunk_size, self.trials - start))
+
+    def samples(self, objective: Objective) -> Iterator[Tensors]:
+        """The trial corruptions one by one, as tensor lists."""
+        for chunk in self.sample_chunks(objective):
+            yield from _unstack(chunk)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
-            losses, worst, worst_loss = [], None, -math.inf
-            for chunk, values in pr.losses_of(self.samples(objective), self.vectorize, self.chunk_size, "random trials"):
-                for delta, value in zip(chunk, values.tolist()):
-                    loss = overflow_to_inf(value)
-                    losses.append(loss)
-                    if loss > worst_loss:
-                        worst, worst_loss = delta, loss
+            losses: list[float] = []
+            chunks = pr.stacked_losses_of(self.sample_chunks(objective), self.vectorize, "random trials")
+            worst, worst_loss = None, -math.inf
+            for chunk, values in chunks:
+                chunk_losses = [overflow_to_inf(v) for v in values.tolist()]
+                i = max(range(len(chunk_losses)), key=chunk_losses.__getitem__)  # the first worst
+                if chunk_losses[i] > worst_loss:
+                    worst, worst_loss = [s[i] for s in chunk], chunk_losses[i]
+                losses.extend(chunk_losses)
         return RandomCorruptionResult(
             _as_dict(objective, worst), before, worst_loss, self.budget, "random", losses,
             passes=self.trials + 1,

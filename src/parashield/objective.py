@@ -195,6 +195,16 @@ def _own_memory(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> 
     return out
 
 
+def _stack(deltas: Sequence[Sequence[Tensor]]) -> Tensors:
+    """Per-corruption tensor lists to one stacked ``(R, *shape)`` tensor per parameter."""
+    return [torch.stack(column) for column in zip(*deltas)]
+
+
+def _unstack(stacked: Sequence[Tensor]) -> list[Tensors]:
+    """The inverse of ``_stack``: views, one tensor list per corruption."""
+    return [list(row) for row in zip(*(s.unbind() for s in stacked))]
+
+
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module, so that ``functional_call`` can swap parameters."""
 
@@ -290,14 +300,17 @@ class Probe:
         ``torch.func.functional_call`` with the corrupted parameter sets stacked, so R trials cost
         one wide forward pass instead of R narrow ones. Returns shape (R,), float64; raises a
         RuntimeError where the model or loss cannot be vmapped (e.g. ``.item()`` inside)."""
+        return self.stacked_losses(_stack(deltas), data)
+
+    def stacked_losses(self, stacked: Sequence[Tensor], data: Any = None) -> Tensor:
+        """:meth:`losses` for corruptions given stacked: one ``(R, *w.shape)`` tensor per
+        selected parameter (what ``Budget.samples`` draws)."""
         from torch.func import functional_call, vmap
 
         obj = self.objective
         wrapper = _LossModule(obj.model, obj.loss_fn)
-        stacked = {
-            f"model.{name}": torch.stack([d[i] for d in deltas]).add_(w)
-            for i, (name, w) in enumerate(zip(obj.names, self._saved))
-        }
+        r = len(stacked[0])
+        params = {f"model.{name}": a + w for name, a, w in zip(obj.names, stacked, self._saved)}
 
         def one(params: dict, batch: Any) -> Tensor:
             return functional_call(wrapper, params, (batch,))
@@ -306,8 +319,8 @@ class Probe:
         with torch.no_grad():
             for batch in obj.batches(data):
                 batch = to_device(batch, obj.device)
-                values = vmap(one, in_dims=(0, None))(stacked, batch)
-                if values.shape != (len(deltas),):
+                values = vmap(one, in_dims=(0, None))(params, batch)
+                if values.shape != (r,):
                     raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(values.shape[1:])}")
                 n = batch_size(batch)
                 term = values.double() * n
@@ -320,17 +333,25 @@ class Probe:
     def losses_of(self, deltas: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
                   chunk_size: int = 32, what: str = "points") -> Iterator[tuple[list, Tensor]]:
         """Losses at ``w + a`` for a stream of corruptions, ``chunk_size`` at a time: yields
-        ``(chunk, losses)`` with ``losses`` 1-D float64. ``vectorize``: ``True`` evaluates every
-        chunk with :meth:`losses` (vmap), ``False`` one corruption at a time (apply, evaluate,
-        restore), ``"auto"`` vmap in eval mode, falling back to the loop with one warning where
-        the model cannot be vmapped. The parameters are back at w after each chunk."""
-        batched = vectorize is True or (vectorize == "auto" and not self.objective.train_mode)
+        ``(chunk, losses)`` with ``losses`` 1-D float64 (see :meth:`stacked_losses_of`)."""
         deltas = iter(deltas)
-        while chunk := list(itertools.islice(deltas, chunk_size)):
+        chunks = (_stack(chunk) for chunk in iter(lambda: list(itertools.islice(deltas, chunk_size)), []))
+        for stacked, values in self.stacked_losses_of(chunks, vectorize, what):
+            yield _unstack(stacked), values
+
+    def stacked_losses_of(self, chunks: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
+                          what: str = "points") -> Iterator[tuple[Tensors, Tensor]]:
+        """Losses for a stream of stacked chunks of corruptions: yields ``(chunk, losses)``.
+        ``vectorize``: ``True`` evaluates every chunk with :meth:`stacked_losses` (vmap),
+        ``False`` one corruption at a time (apply, evaluate, restore), ``"auto"`` vmap in eval
+        mode, falling back to the loop with one warning where the model cannot be vmapped. The
+        parameters are back at w after each chunk."""
+        batched = vectorize is True or (vectorize == "auto" and not self.objective.train_mode)
+        for chunk in chunks:
             values = None
             if batched:
                 try:
-                    values = self.losses(chunk)
+                    values = self.stacked_losses(chunk)
                 except (RuntimeError, NotImplementedError) as exc:
                     if vectorize is True:
                         raise
@@ -338,7 +359,7 @@ class Probe:
                     batched = False
             if values is None:
                 values = []
-                for delta in chunk:
+                for delta in _unstack(chunk):
                     self.set(delta)
                     values.append(self.loss())
                 self.set(None)
