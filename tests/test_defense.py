@@ -1002,9 +1002,11 @@ def test_checkpoint_load_is_weights_only(tmp_path):
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad_call,name", [(1, "clean"), (2, "t = 1"), (3, "t = 2"), (4, "t = 3")])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_nonfinite_pass_raises_naming_it_and_restores_w(bad_call, name, bad, bookkeeping):
+@pytest.mark.parametrize("sparsity", [None, 7])
+def test_nonfinite_pass_raises_naming_it_and_restores_w(bad_call, name, bad, sparsity, bookkeeping):
     model = mlp(0)
-    opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1, momentum=0.9)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, budget=ps.Budget("l2", 0.05, sparsity=sparsity), steps=3,
+                 lr=0.1, momentum=0.9)
     x, y = batch(0)
     calls = []
 

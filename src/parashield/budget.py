@@ -130,6 +130,9 @@ def _top_n_indices(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
             idx = None
     if idx is None:
         idx, values = above(torch.kthvalue(flats[0] if len(flats) == 1 else torch.cat(flats), k - n + 1).values)
+    if values.numel() < n:  # NaN scores: they rank above everything yet compare False; keep them first
+        flats = [torch.nan_to_num(f, nan=math.inf) for f in flats]
+        idx, values = above(torch.kthvalue(torch.cat(flats), k - n + 1).values)
     thr = torch.kthvalue(values, values.numel() - n + 1).values
     keep = values >= thr
     if values.numel() > n:  # drop the candidates below thr and, where values repeat at thr, the last ties

@@ -364,6 +364,7 @@ class APD(torch.optim.Optimizer):
                         torch._foreach_add_(ws.sum_into, summed)
                     if t < self.steps:
                         self._next_corruption(t, ws, corrupting, per_tensor)
+                    del summed, corrupting, per_tensor  # free g_t before the next pass's backward
             with torch.no_grad():
                 torch._foreach_copy_(ws.corrupted, ws.clean.views)
                 restored = True
