@@ -136,7 +136,7 @@ def _finiteness_probe(grads: Tensors) -> Tensor:
     largest ``|g|`` (one fused kernel, cannot overflow); on the CPU, where that reduction is not
     vectorized (~35x slower than a sum), the sum, which overflows only past ~3e38 in total and
     squares nothing, so small gradients do not turn into slow denormal arithmetic."""
-    if grads[0].device.type == "cpu":
+    if all(g.device.type == "cpu" for g in grads):
         return sum(g.sum(dtype=torch.float64 if g.dtype == torch.float64 else torch.float32) for g in grads)
     norms = torch._foreach_norm(grads, math.inf)
     if len(norms) == 1:
