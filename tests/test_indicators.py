@@ -507,3 +507,19 @@ def test_loss_change_argument_validation(linear_objective):
         ps.loss_change(obj.model, ps.Budget("l2", 0.1))
     with pytest.raises(TypeError):
         ps.loss_change(obj, ps.Budget("l2", 0.1), "first_order", steps=3)
+
+
+def test_multi_step_keep_best_returns_the_best_iterate_over_restarts():
+    """With a step far too long the iterates oscillate; the result is the highest-loss iterate
+    of all restarts (kept in one buffer), and its reported loss is the loss at its delta."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    data = (torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 2, (32,)))
+    obj = ps.Objective(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), data)
+    budget = ps.Budget("linf", 1.0)
+    res = ps.MultiStepCorruption(budget, steps=6, step_size=2.0, restarts=3, random_start=True, seed=1)(obj)
+    iterates = [h for h in res.history]
+    assert res.loss_after == max(iterates)
+    assert obj.loss(list(res.delta.values())) == pytest.approx(res.loss_after, rel=1e-12)
+    best = iterates.index(max(iterates))
+    assert best > 13 and best != 20  # a middle iterate of the last restart, after earlier improvements

@@ -252,7 +252,11 @@ class MultiStepCorruption:
                     passes += 1
                     history.append(float(loss))
                     if exact and self.keep_best and history[-1] > best_loss:
-                        best, best_loss = [a.clone() for a in delta], history[-1]
+                        if best is None:
+                            best = [a.clone() for a in delta]
+                        else:  # one fused copy into the buffer, no allocation per improvement
+                            torch._foreach_copy_(best, delta)
+                        best_loss = history[-1]
                     if history[-1] == math.inf:  # the loss overflowed: no ascent direction left
                         break
                     step = self.budget.steepest_(grads, geometry, radius=self.step_size)
