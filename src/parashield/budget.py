@@ -66,13 +66,9 @@ def _global_norm(ts: Sequence[Tensor], p: float) -> Tensor:
     return torch.linalg.vector_norm(norms)
 
 
-def _layer_norms(ts: Sequence[Tensor], p: float) -> list[Tensor]:
-    return _foreach_norm(ts, p)
-
-
 def _stacked_norms(ts: Sequence[Tensor], p: float) -> Tensor:
     """Per-tensor norms as one (L,) tensor, so per-layer factors cost a few kernels, not L."""
-    norms = _layer_norms(ts, p)
+    norms = _foreach_norm(ts, p)
     if any(n.dtype != norms[0].dtype for n in norms):
         norms = [n.float() for n in norms]
     return torch.stack(norms)
@@ -439,7 +435,7 @@ class Budget:
         if self.scale == "layer":
             ratios = [
                 (n / wn) if wn > 0 else (0.0 if n == 0 else math.inf)
-                for n, wn in zip(_layer_norms(deltas, self.p), _layer_norms([w.detach() for w in params], self.p))
+                for n, wn in zip(_foreach_norm(deltas, self.p), _foreach_norm([w.detach() for w in params], self.p))
             ]
             return float(max(float(x) for x in ratios))
         if self.scale == "element":  # a zero scale (eta = 0, w = 0) admits only a = 0 there
@@ -467,9 +463,9 @@ class Budget:
         self, params: Sequence[Tensor], generator: Union[torch.Generator, int, None] = None, count: int = 1
     ) -> Tensors:
         """``count`` independent corruptions as :meth:`sample` draws them, stacked: one tensor of
-        shape ``(count, *w.shape)`` per parameter. One generator call draws all the directions
-        and one copy moves them to the parameters' device, so that many random trials cost a
-        few kernels, not a few per trial (``count=1`` draws what ``sample`` does)."""
+        shape ``(count, *w.shape)`` per parameter. Row i is the i-th of ``count`` successive
+        ``sample`` draws; one copy moves all rows to the parameters' device and the scaling runs
+        once for all of them, so many random trials cost a few kernels beyond the generator's."""
         params = params if isinstance(params, Geometry) else Geometry(params)
         device, dtype = params[0].device, params[0].dtype
         if isinstance(generator, int):
@@ -503,6 +499,7 @@ class Budget:
         kw = dict(generator=generator, device=device, dtype=torch.float64)
         u = torch.empty(count, m, dtype=torch.float64, device=device)
         signs = torch.empty(count, m if self.norm == "l1" else 1, dtype=torch.long, device=device)
+        faces = torch.empty(count, 1, dtype=torch.long, device=device)  # L-inf only
         supports = []
         for i in range(count):
             if self.norm == "l2":
@@ -512,9 +509,8 @@ class Budget:
                 torch.randint(0, 2, (m,), out=signs[i], generator=generator, device=device)
             else:  # L-inf: one of the 2m faces uniformly (equal areas), uniform on that face
                 torch.rand(m, out=u[i], **kw)
-                face = torch.randint(0, m, (1,), generator=generator, device=device)
+                torch.randint(0, m, (1,), out=faces[i], generator=generator, device=device)
                 torch.randint(0, 2, (1,), out=signs[i], generator=generator, device=device)
-                u[i].index_fill_(0, face, 2.0)  # marks the face; set to the sign below
             if m < k:
                 supports.append(torch.randperm(k, generator=generator, device=device)[:m])
         if self.norm == "l2":
@@ -524,7 +520,7 @@ class Budget:
             e = -torch.log(u.clamp_min_(1e-300))
             u = (signs.double() * 2 - 1) * e / e.sum(1, keepdim=True)
         else:
-            u = torch.where(u == 2.0, signs.double() * 2 - 1, u * 2 - 1)
+            u = (u * 2 - 1).scatter_(1, faces, signs.double() * 2 - 1)
         if m == k:
             return u
         full = torch.zeros(count, k, dtype=torch.float64, device=device)

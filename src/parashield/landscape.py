@@ -4,7 +4,8 @@ parameters w, ``L(w + alpha d)`` and ``L(w + alpha d1 + beta d2)``.
 A direction is a list of tensors aligned with ``objective.params``, like a corruption's delta:
 a random one, filter-normalized after Li et al. (NeurIPS 2018) so that landscapes of differently
 scaled networks compare, or the direction of a corruption (``alpha = 1`` is that corruption).
-The grid points are evaluated in chunks with one batched ``vmap`` pass each (``Probe.losses``),
+The grid points are evaluated in chunks with one batched ``vmap`` pass each
+(``Probe.stacked_losses``),
 and the model is restored bit for bit afterwards.
 """
 
@@ -115,15 +116,16 @@ def _losses_at(objective: Objective, directions: Sequence[Tensors], coords: Tens
     size = DEFAULT_BATCH_SIZE if batch_size is None else check_count("batch_size", batch_size)
     check_vectorize(vectorize)
 
-    def deltas():
-        for row in progress(coords.tolist(), desc=desc, unit="point", leave=False):
-            delta = torch._foreach_mul(directions[0], row[0])
-            for d, c in zip(directions[1:], row[1:]):
-                torch._foreach_add_(delta, d, alpha=c)
-            yield delta
+    # Per parameter the directions stacked (K, *shape): a chunk of points is one tensordot each.
+    stacked = [torch.stack(column) for column in zip(*directions)]
+
+    def chunks():
+        for start in progress(range(0, len(coords), size), desc=desc, unit="chunk", leave=False):
+            rows = coords[start : start + size]
+            yield [torch.tensordot(rows.to(d), d, dims=1) for d in stacked]
 
     with objective.probe() as pr:
-        values = [v.detach().double().cpu() for _, v in pr.losses_of(deltas(), vectorize, size, "landscape points")]
+        values = [v.detach().double().cpu() for _, v in pr.stacked_losses_of(chunks(), vectorize, "landscape points")]
     out = torch.cat(values)
     return torch.where(torch.isfinite(out), out, math.inf)
 

@@ -11,7 +11,6 @@ user's ``.grad`` fields are never written.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -195,13 +194,8 @@ def _own_memory(grads: Sequence[Optional[Tensor]], params: Sequence[Tensor]) -> 
     return out
 
 
-def _stack(deltas: Sequence[Sequence[Tensor]]) -> Tensors:
-    """Per-corruption tensor lists to one stacked ``(R, *shape)`` tensor per parameter."""
-    return [torch.stack(column) for column in zip(*deltas)]
-
-
 def _unstack(stacked: Sequence[Tensor]) -> list[Tensors]:
-    """The inverse of ``_stack``: views, one tensor list per corruption."""
+    """Stacked ``(R, *shape)`` tensors as R tensor lists (views), one per corruption."""
     return [list(row) for row in zip(*(s.unbind() for s in stacked))]
 
 
@@ -295,16 +289,12 @@ class Probe:
             loss = torch.full_like(loss, math.inf)
         return loss, acc
 
-    def losses(self, deltas: Sequence[Sequence[Tensor]], data: Any = None) -> Tensor:
-        """Losses at ``w + a`` for several corruptions in one batched evaluation: ``vmap`` over
-        ``torch.func.functional_call`` with the corrupted parameter sets stacked, so R trials cost
-        one wide forward pass instead of R narrow ones. Returns shape (R,), float64; raises a
-        RuntimeError where the model or loss cannot be vmapped (e.g. ``.item()`` inside)."""
-        return self.stacked_losses(_stack(deltas), data)
-
     def stacked_losses(self, stacked: Sequence[Tensor], data: Any = None) -> Tensor:
-        """:meth:`losses` for corruptions given stacked: one ``(R, *w.shape)`` tensor per
-        selected parameter (what ``Budget.samples`` draws)."""
+        """Losses at ``w + a`` for R corruptions given stacked (one ``(R, *w.shape)`` tensor per
+        selected parameter, as ``Budget.samples`` draws them) in one batched evaluation: ``vmap``
+        over ``torch.func.functional_call``, so R trials cost one wide forward pass instead of R
+        narrow ones. Returns shape (R,), float64; raises a RuntimeError where the model or loss
+        cannot be vmapped (e.g. ``.item()`` inside)."""
         from torch.func import functional_call, vmap
 
         obj = self.objective
@@ -329,15 +319,6 @@ class Probe:
         if total is None:
             raise ValueError("data yielded no batch")
         return total / count
-
-    def losses_of(self, deltas: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
-                  chunk_size: int = 32, what: str = "points") -> Iterator[tuple[list, Tensor]]:
-        """Losses at ``w + a`` for a stream of corruptions, ``chunk_size`` at a time: yields
-        ``(chunk, losses)`` with ``losses`` 1-D float64 (see :meth:`stacked_losses_of`)."""
-        deltas = iter(deltas)
-        chunks = (_stack(chunk) for chunk in iter(lambda: list(itertools.islice(deltas, chunk_size)), []))
-        for stacked, values in self.stacked_losses_of(chunks, vectorize, what):
-            yield _unstack(stacked), values
 
     def stacked_losses_of(self, chunks: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
                           what: str = "points") -> Iterator[tuple[Tensors, Tensor]]:
