@@ -233,3 +233,18 @@ def test_channels_last_weights_flip_and_restore_exactly():
                         expected[i] ^= 1 << b
                 assert torch.equal(diff, expected)
         assert _same(model, snap)
+
+
+def test_search_stops_when_a_flip_makes_the_loss_overflow():
+    """Once a flip overflows the loss or its gradient there is nothing to rank by: the search
+    ends there instead of raising, and the model is restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(64, 8)
+    q = quantize_(model)
+    obj = ps.Objective(model, lambda m, b: (m(b).sum(1) * 30).exp().mean(), x)
+    snap = _snapshot(model)
+    res = ProgressiveBitSearch(q, 20)(obj)
+    assert res.history[-1] > 1e18  # exp of a huge output: its gradient no longer fits a float
+    assert len(res.flips) == len(res.history) - 1 < 20
+    assert _same(model, snap)

@@ -63,8 +63,9 @@ def test_train_mode_uses_the_loop_and_no_warning():
 
 
 def test_bad_vectorize_and_chunk_size():
-    with pytest.raises(ValueError, match="vectorize"):
-        ps.RandomCorruption(ps.Budget(), vectorize="yes")
+    for bad in ("yes", 1, 1.0, 0.0):
+        with pytest.raises(ValueError, match="vectorize"):
+            ps.RandomCorruption(ps.Budget(), vectorize=bad)
     with pytest.raises(ValueError, match="chunk_size"):
         ps.RandomCorruption(ps.Budget(), chunk_size=0)
 

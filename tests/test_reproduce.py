@@ -15,7 +15,8 @@ from torch import nn
 import parashield
 from parashield.data import MissingDataError
 from parashield.reproduce import METHODS, TASKS, run, runner, write_report
-from parashield.reproduce.report import _fmt, _stats, findings, summarize
+from parashield.reproduce.report import _fmt, findings, summarize
+from parashield.reproduce.runner import mean_std
 from parashield.reproduce.runner import CORRUPTIONS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -432,10 +433,10 @@ def test_report_with_a_missing_method(tmp_path):
 
 
 def test_stats_and_format_edge_cases():
-    assert _stats([0.5]) == (0.5, 0.0)  # one seed: std 0
-    assert _stats([1.0, None, math.nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))  # missing values left out
-    assert all(math.isnan(v) for v in _stats([math.nan, None]))
-    m, s = _stats([1.0, math.inf])
+    assert mean_std([0.5]) == (0.5, 0.0)  # one seed: std 0
+    assert mean_std([1.0, None, math.nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))  # missing values left out
+    assert all(math.isnan(v) for v in mean_std([math.nan, None]))
+    m, s = mean_std([1.0, math.inf])
     assert m == math.inf and math.isnan(s)
     assert _fmt(math.inf, math.nan) == "inf" and _fmt(-math.inf) == "-inf" and _fmt(math.nan, math.nan) == "n/a"
     assert _fmt(0.12345, 0.01) == "0.123 ± 0.010"
@@ -519,3 +520,4 @@ def test_bitflip_verdict_rules(plain, apd, expected):
     v = bitflip_verdict(summary)
     assert (v["verdict"], v["searched"], v["random"]) == expected and v["method"] == "apd3" and v["top"] == 1000
     assert bitflip_verdict({"plain": summary["plain"]}) is None
+

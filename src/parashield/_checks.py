@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+
 from .budget import Budget
 
 
@@ -15,8 +16,15 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_seed(value: object) -> int:
+    """An int (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"seed must be an int, got {value!r}")
+    return value
+
+
 def check_vectorize(value: object) -> object:
-    if value not in (True, False, "auto") or isinstance(value, int) and not isinstance(value, bool):
+    if not (value is True or value is False or value == "auto"):  # 1, 1.0 and 0 are refused too
         raise ValueError(f"vectorize must be True, False or 'auto', got {value!r}")
     return value
 

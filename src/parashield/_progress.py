@@ -10,4 +10,4 @@ def progress(iterable: Iterable, **kw: Any) -> Iterable:
         from tqdm.auto import tqdm
     except ImportError:
         return iterable
-    return tqdm(iterable, mininterval=1.0, **kw)
+    return tqdm(iterable, **{"mininterval": 1.0, **kw})

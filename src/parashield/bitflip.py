@@ -15,13 +15,15 @@ weights, so ``ps.corrupted(model, result)`` applies and undoes them bit for bit.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_count
+from ._checks import check_count, check_seed
 from .corruption import CorruptionResult, corrupted
 from .objective import Objective, overflow_to_inf
 from .quantization import Int8Quantization
@@ -172,8 +174,7 @@ class RandomBitFlip:
 
     def __init__(self, flips: int, quantization: Optional[Int8Quantization] = None, bits: Bits = None, seed: int = 0) -> None:
         self.flips = check_count("flips", flips)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         self.quantization, self.bits, self.seed = quantization, bits, seed
 
     def __call__(self, objective: Objective) -> BitFlipResult:
@@ -188,8 +189,9 @@ class RandomBitFlip:
         while len(picked) < self.flips:  # draw with replacement, keep distinct positions
             picked = torch.cat([picked, torch.randint(total, (2 * self.flips,), generator=gen)]).unique()
         picked = picked[torch.randperm(len(picked), generator=gen)[: self.flips]]
-        offsets = sizes.cumsum(0) - sizes
-        tensor = torch.searchsorted(sizes.cumsum(0), picked, right=True)
+        ends = sizes.cumsum(0)
+        offsets = ends - sizes
+        tensor = torch.searchsorted(ends, picked, right=True)
         local = picked - offsets[tensor]
         flips = [(target.names[int(i)], int(j), target.bits[int(k)])
                  for i, j, k in zip(tensor, local // nb, local % nb)]
@@ -237,8 +239,7 @@ class ProgressiveBitSearch:
 
     def __call__(self, objective: Objective) -> BitFlipResult:
         target = _Target(objective, self.quantization, self.bits)
-        sub = Objective(objective.model, objective.loss_fn, objective.data, params=target.params,
-                        train_mode=objective.train_mode)
+        sub = objective.restrict(target.params)
         before = _loss(objective)
         flips: list[Flip] = []
         history, metrics, passes = [before], [], 1
@@ -247,9 +248,11 @@ class ProgressiveBitSearch:
             if self.metric is not None:
                 metrics.append(float(self.metric(objective.model)))
             while len(flips) < self.max_flips and not (metrics and self.target is not None and metrics[-1] <= self.target):
-                _, grads = pr.gradient()
+                loss, grads = pr.gradient(check=False)
                 passes += 1
-                best: Optional[tuple[float, Flip]] = None
+                if float(loss) == math.inf:  # a flip made the loss or its gradient overflow: nothing to rank by
+                    break
+                best: Optional[tuple[float, int, Flip]] = None
                 for i, (name, p) in enumerate(zip(target.names, target.params)):
                     for j, b in zip(*(t.tolist() for t in self._ranked(target, i, grads[i], codes[i]))):
                         at = torch.unravel_index(torch.tensor(j), p.shape)  # row-major index, any layout
@@ -259,9 +262,8 @@ class ProgressiveBitSearch:
                         p[at] = old
                         passes += 1
                         if best is None or loss > best[0]:
-                            best = (loss, (name, j, b))
-                loss, (name, j, b) = best
-                i = target.names.index(name)
+                            best = (loss, i, (name, j, b))
+                loss, i, (name, j, b) = best
                 codes[i].view(-1)[j] = target.toggle(codes[i].view(-1)[j], b)
                 target.params[i].copy_(target.q.dequantize_one(i, codes[i]))
                 flips.append((name, j, b))

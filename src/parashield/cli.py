@@ -58,6 +58,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
         results["tasks"][name] = run(task, methods, seeds, out)
+        results["tasks"][name]["seeds"] = seeds  # what this task used (the top-level one is --seeds)
         if task.bitflips:
             results["tasks"][name]["bitflips"] = run_bitflips(task, methods, seeds, out)
             results["tasks"][name]["bitflip_config"] = task.bitflips

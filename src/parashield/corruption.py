@@ -12,7 +12,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_vectorize, step_size_or_default
+from ._checks import check_budget, check_count, check_seed, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
 from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
 
@@ -105,8 +105,7 @@ class RandomCorruption:
                  chunk_size: int = 32, draw_on: str = "cpu") -> None:
         self.budget = check_budget(budget)
         self.trials = check_count("trials", trials)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         if draw_on not in ("cpu", "device"):
             raise ValueError(f"draw_on must be 'cpu' or 'device', got {draw_on!r}")
         self.seed = seed
@@ -208,8 +207,7 @@ class MultiStepCorruption:
         if per_step not in ("full", "batch"):
             raise ValueError(f"per_step must be 'full' or 'batch', got {per_step!r}")
         self.step_size = step_size_or_default(step_size, self.budget, self.steps)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         self.random_start = bool(random_start)
         self.keep_best = bool(keep_best)
         self.per_step = per_step

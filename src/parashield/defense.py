@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_budget, check_count, step_size_or_default
+from ._checks import check_budget, check_count, check_seed, step_size_or_default
 from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
@@ -234,8 +234,7 @@ class APD(torch.optim.Optimizer):
             raise ValueError(f"distributed must be 'local' or 'sync', got {distributed!r}")
         if not isinstance(include_clean, bool):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
+        check_seed(seed)
         if distributed == "local" and model is None and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_vectorize
+from ._checks import check_count, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
 from .corruption import make_corruption
@@ -42,8 +42,7 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
     norm of the same filter of w, and parameters with one dimension (biases, norm layers) get a
     zero direction, the usual convention: their scale is not comparable to the weights'.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    check_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for w in objective.params:

@@ -436,7 +436,9 @@ class TransformerTranslator(nn.Module):
         padding mask."""
         t = ys.shape[1]
         x = self.drop(self.tgt_embed(ys[:, -1:]) * math.sqrt(self.d_model) + self.pos.pe[t - 1].to(memory.dtype))
-        attend = ~src_mask[:, None, None, :]
+        if "attend" not in cache:  # the source positions each query may attend to, once
+            cache["attend"] = ~src_mask[:, None, None, :]
+        attend = cache["attend"]
         with _plain_attention():
             for i, layer in enumerate(self.decoder.layers):
                 pre = layer.norm_first

@@ -9,7 +9,6 @@ corruptions, defenses) works on the quantized model unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -54,10 +53,9 @@ class Int8Quantization:
         """Number of bits of the int8 codes: the population random bit flips draw from."""
         return 8 * self.numel
 
-    def dequantize(self, codes: Optional[Sequence[Tensor]] = None) -> list[Tensor]:
-        """``codes * scale`` in each parameter's dtype (default: the stored codes)."""
-        codes = self.codes if codes is None else codes
-        return [self.dequantize_one(i, c) for i, c in enumerate(codes)]
+    def dequantize(self) -> list[Tensor]:
+        """``codes * scale`` in each parameter's dtype."""
+        return [self.dequantize_one(i, c) for i, c in enumerate(self.codes)]
 
     def scale_at(self, i: int, index: int) -> Tensor:
         """The scale of element ``index`` (row-major) of tensor i."""

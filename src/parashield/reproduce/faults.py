@@ -7,6 +7,7 @@ without retraining."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import time
 from pathlib import Path
@@ -17,9 +18,9 @@ from .._progress import progress
 from ..bitflip import ProgressiveBitSearch, RandomBitFlip
 from ..checkpoint import load_checkpoint
 from ..corruption import corrupted
-from ..objective import Objective, preserved_modes
+from ..objective import Objective
 from ..quantization import quantize_
-from .runner import config_hash, run_key, write_json
+from .runner import _metric, config_hash, run_key, write_json
 from .tasks import Task
 
 
@@ -35,10 +36,7 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     model = copy.deepcopy(model).eval()
     q = quantize_(model, granularity="channel")
 
-    def metric(m: nn.Module) -> float:
-        with preserved_modes(m, False):
-            return float(task.metric(m, task.test_data))
-
+    metric = functools.partial(_metric, task)
     attack = Objective(model, task.loss_fn, task.attack_data[: cfg["search_batches"]])
     clean = metric(model)
     out: dict = {"quantized_metric": clean, "bits": q.bits, "random": []}

@@ -11,21 +11,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from .runner import CORRUPTIONS, METHODS, write_json
-
-
-def _stats(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for one value). Missing values (None, NaN) are left out; an
-    infinite value (a loss or perplexity that overflowed, a critical eps never reached) makes
-    the mean infinite and the std NaN."""
-    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    if any(math.isinf(x) for x in xs):
-        return sum(xs) / len(xs), math.nan  # +-inf (NaN if both signs occur)
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
+from .runner import CORRUPTIONS, METHODS, mean_std, write_json
 
 
 def _fmt(m: float, s: Optional[float] = None, digits: int = 3) -> str:
@@ -55,25 +41,25 @@ def summarize(task_result: dict) -> dict:
     for method, evals in by_method.items():
         s: dict[str, Any] = {
             "seeds": len(evals),
-            "clean_metric": _stats([e["clean"]["metric"] for e in evals]),
-            "clean_loss": _stats([e["clean"]["loss"] for e in evals]),
+            "clean_metric": mean_std([e["clean"]["metric"] for e in evals]),
+            "clean_loss": mean_std([e["clean"]["loss"] for e in evals]),
             "grid": [],
-            "critical_eps": {k: _stats([e["critical_eps"][k] for e in evals]) for k in evals[0]["critical_eps"]},
+            "critical_eps": {k: mean_std([e["critical_eps"][k] for e in evals]) for k in evals[0]["critical_eps"]},
         }
         for i, row in enumerate(evals[0]["grid"]):
             rows = [e["grid"][i] for e in evals]
             entry = {"scale": row["scale"], "eps": row["eps"]}
             for kind in CORRUPTIONS:
-                entry[kind] = {"metric": _stats([r[kind]["metric"] for r in rows]),
-                               "loss": _stats([r[kind]["loss"] for r in rows])}
-            entry["indicators"] = {k: _stats([r["indicators"][k] for r in rows]) for k in row["indicators"]}
+                entry[kind] = {"metric": mean_std([r[kind]["metric"] for r in rows]),
+                               "loss": mean_std([r[kind]["loss"] for r in rows])}
+            entry["indicators"] = {k: mean_std([r["indicators"][k] for r in rows]) for k in row["indicators"]}
             s["grid"].append(entry)
         s["layers"] = evals[0]["layers"]
-        s["sweep"] = [{"eps": row["eps"], "first_order": _stats([e["sweep"][i]["first_order"] for e in evals]),
-                       "one_step": _stats([e["sweep"][i]["one_step"] for e in evals])}
+        s["sweep"] = [{"eps": row["eps"], "first_order": mean_std([e["sweep"][i]["first_order"] for e in evals]),
+                       "one_step": mean_std([e["sweep"][i]["one_step"] for e in evals])}
                       for i, row in enumerate(evals[0].get("sweep", []))]
         if "hessian" in evals[0]:
-            s["hessian"] = {k: _stats([e["hessian"][k] for e in evals]) for k in evals[0]["hessian"]}
+            s["hessian"] = {k: mean_std([e["hessian"][k] for e in evals]) for k in evals[0]["hessian"]}
         summary[method] = s
     return summary
 
@@ -186,7 +172,7 @@ def _task_markdown(name: str, tr: dict, summary: dict) -> list[str]:
              f"training data ({cfg['multi_steps']}-step multi-step, {cfg['random_trials']} random trials) and "
              f"evaluated on test data. Defenses train with a layer-relative L2 budget eps={cfg['train_eps']} "
              f"(SAM rho={cfg['sam_rho']}); {cfg['epochs']} epochs, {cfg['optimizer']} lr={cfg['lr']}. {cfg['info']}", ""]
-    train_times = {m: _stats([r["train"]["seconds"] for r in tr["runs"] if r["method"] == m])[0] for m in summary}
+    train_times = {m: mean_std([r["train"]["seconds"] for r in tr["runs"] if r["method"] == m])[0] for m in summary}
     compute = sum(r["train"]["seconds"] + r.get("eval_seconds", 0.0) for r in tr["runs"])
     compute += sum(r["search"]["seconds"] for r in tr.get("bitflips", []))
     lines += [f"Compute: {compute / 60:.1f} min of training and evaluation over {len(tr['runs'])} runs "
@@ -309,13 +295,13 @@ def bitflip_summary(tr: dict) -> dict:
         budget = tr.get("bitflip_config", {}).get("search_flips") or max(len(r["search"]["metric_history"]) - 1 for r in runs)
 
         def after(n: int) -> tuple[float, float]:
-            return _stats([r["search"]["metric_history"][min(n, len(r["search"]["metric_history"]) - 1)] for r in runs])
+            return mean_std([r["search"]["metric_history"][min(n, len(r["search"]["metric_history"]) - 1)] for r in runs])
 
-        out[m] = {"seeds": len(runs), "quantized": _stats([r["quantized_metric"] for r in runs]),
-                  "random": {row["flips"]: _stats([x for r in runs for x in r["random"][i]["metrics"]])
+        out[m] = {"seeds": len(runs), "quantized": mean_std([r["quantized_metric"] for r in runs]),
+                  "random": {row["flips"]: mean_std([x for r in runs for x in r["random"][i]["metrics"]])
                              for i, row in enumerate(runs[0]["random"])},
-                  "flips_to_halve": _stats([h for h in halves if h is not None]),
-                  "lower_bound": _stats([budget if h is None else h for h in halves])[0],
+                  "flips_to_halve": mean_std([h for h in halves if h is not None]),
+                  "lower_bound": mean_std([budget if h is None else h for h in halves])[0],
                   "halved": sum(h is not None for h in halves), "after": {n: after(n) for n in AFTER},
                   "budget": budget}
     return out

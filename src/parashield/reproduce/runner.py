@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -141,7 +141,7 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
             with corrupted(model, dict(zip(attack.names, delta))):
                 losses.append(test.loss())
                 metrics.append(_metric(task, model))
-        (loss_mean, loss_std), (metric_mean, metric_std) = _spread(losses), _spread(metrics)
+        (loss_mean, loss_std), (metric_mean, metric_std) = mean_std(losses), mean_std(metrics)
         row["random"] = {"loss": loss_mean, "loss_std": loss_std, "metric": metric_mean, "metric_std": metric_std}
         indicators = {"first_order": loss_change(attack, budget, "first_order")}
         for kind, corr in (("one_step", GradientCorruption(budget)),
@@ -179,9 +179,18 @@ def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     return out
 
 
-def _spread(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample std (0 for one value). Missing values (None, NaN) are left out; an
+    infinite value (a loss or perplexity that overflowed, a critical eps never reached) makes
+    the mean infinite and the std NaN."""
+    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
+    if not xs:
+        return math.nan, math.nan
+    if any(math.isinf(x) for x in xs):
+        return sum(xs) / len(xs), math.nan  # +-inf (NaN if both signs occur)
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
 
 
 def run(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> dict:
