@@ -34,7 +34,6 @@ _FLOAT_LAYOUT = {
     torch.float16: (torch.int16, range(10, 15), range(0, 10)),
     torch.bfloat16: (torch.int16, range(7, 15), range(0, 7)),
 }
-_WIDTH = {torch.int8: 8, torch.int16: 16, torch.int32: 32}
 Bits = Union[None, int, str, Sequence[Union[int, str]]]
 Flip = tuple[str, int, int]  # (parameter name, flat element index, bit position)
 
@@ -99,7 +98,7 @@ class _Target:
 
     def _positions(self, bits: Bits) -> tuple[int, ...]:
         dtype = self.ints[0].dtype
-        width = _WIDTH[dtype]
+        width = torch.iinfo(dtype).bits
         names = {"sign": [width - 1]}
         if self.q is None:
             _, exponent, mantissa = _FLOAT_LAYOUT[self.params[0].dtype]
@@ -123,7 +122,7 @@ class _Target:
 
     def masks(self, bits: Tensor) -> Tensor:
         """Single-bit masks ``1 << bits`` in the integer dtype (two's complement for the top bit)."""
-        width = _WIDTH[self.ints[0].dtype]
+        width = torch.iinfo(self.ints[0].dtype).bits
         masks = torch.ones((), dtype=torch.int64, device=bits.device).bitwise_left_shift(bits)
         return torch.where(masks >= 2 ** (width - 1), masks - 2**width, masks).to(self.ints[0].dtype)
 
@@ -133,7 +132,7 @@ class _Target:
         return ints.unsqueeze(0).bitwise_xor(masks)
 
     def toggle(self, value: Tensor, bit: int) -> Tensor:
-        return value.bitwise_xor(self.masks(torch.tensor(bit))).to(value.dtype)
+        return value.bitwise_xor(self.masks(torch.tensor(bit)))
 
     def values(self, flips: Sequence[Flip]) -> dict[str, Tensor]:
         """The parameters of the touched tensors after applying ``flips`` (in order)."""

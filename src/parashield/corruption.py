@@ -271,12 +271,16 @@ class MultiStepCorruption:
         )
 
 
+_KINDS = {"random": RandomCorruption, "one_step": GradientCorruption, "multi_step": MultiStepCorruption}
+#: The corruptions ``make_corruption`` builds, by name.
+CORRUPTION_KINDS = tuple(_KINDS)
+
+
 def make_corruption(kind: str, budget: Budget, **kwargs) -> Union[RandomCorruption, GradientCorruption, MultiStepCorruption]:
     """Build a corruption from its name: ``"random"``, ``"one_step"`` or ``"multi_step"``."""
-    kinds = {"random": RandomCorruption, "one_step": GradientCorruption, "multi_step": MultiStepCorruption}
-    if kind not in kinds:
-        raise ValueError(f"corruption must be one of {sorted(kinds)}, got {kind!r}")
-    return kinds[kind](budget, **kwargs)
+    if kind not in _KINDS:
+        raise ValueError(f"corruption must be one of {sorted(_KINDS)}, got {kind!r}")
+    return _KINDS[kind](budget, **kwargs)
 
 
 @contextmanager

@@ -23,12 +23,10 @@ from torch import Tensor
 from ._checks import check_count, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
-from .corruption import make_corruption
+from .corruption import CORRUPTION_KINDS, make_corruption
 from .objective import Objective
 
 Tensors = list[Tensor]
-#: Corruption kinds a direction can be taken from (see ``make_corruption``).
-CORRUPTION_KINDS = ("random", "one_step", "multi_step")
 DEFAULT_BATCH_SIZE = 16
 
 
@@ -83,9 +81,10 @@ def _check_direction(objective: Objective, direction: object, name: str) -> Tens
             raise TypeError(f"{name}[{i}] must be a tensor, got {type(d).__name__}")
         if d.shape != p.shape:
             raise ValueError(f"{name}[{i}] has shape {tuple(d.shape)}, parameter {objective.names[i]!r} has {tuple(p.shape)}")
-        if not bool(torch.isfinite(d).all()):
-            raise ValueError(f"{name}[{i}] has non-finite entries")
         out.append(d.detach().to(p))
+    finite = torch.stack([torch.isfinite(d).all().to(out[0].device) for d in out])
+    if not bool(finite.all()):  # one host sync for all tensors; the index only on failure
+        raise ValueError(f"{name}[{int((~finite).nonzero()[0])}] has non-finite entries")
     return out
 
 

@@ -328,11 +328,12 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.register_buffer("pe", pe, persistent=False)
         self.max_len = max_len
 
-    def forward(self, x: Tensor) -> Tensor:
-        t = x.shape[1]
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """``x`` (B, T, d_model) at positions ``offset .. offset + T - 1``."""
+        t = offset + x.shape[1]
         if t > self.max_len:
             raise ValueError(f"sequence length {t} exceeds max_len={self.max_len}")
-        return x + self.pe[:t].to(x.dtype)
+        return x + self.pe[offset:t].to(x.dtype)
 
 
 class TransformerTranslator(nn.Module):
@@ -435,7 +436,7 @@ class TransformerTranslator(nn.Module):
         Greedy decoding never feeds a pad before ``eos``, so unfinished rows need no target
         padding mask."""
         t = ys.shape[1]
-        x = self.drop(self.tgt_embed(ys[:, -1:]) * math.sqrt(self.d_model) + self.pos.pe[t - 1].to(memory.dtype))
+        x = self.drop(self.pos(self.tgt_embed(ys[:, -1:]) * math.sqrt(self.d_model), offset=t - 1))
         if "attend" not in cache:  # the source positions each query may attend to, once
             cache["attend"] = ~src_mask[:, None, None, :]
         attend = cache["attend"]

@@ -22,7 +22,7 @@ from .. import __version__
 from .._progress import progress
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..corruption import GradientCorruption, MultiStepCorruption, RandomCorruption, corrupted
+from ..corruption import CORRUPTION_KINDS, GradientCorruption, MultiStepCorruption, RandomCorruption, corrupted
 from ..defense import APD, SAM, OneStepDefense
 from ..indicators import critical_eps, hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
 from ..objective import Objective, preserved_modes
@@ -38,7 +38,7 @@ METHODS = {
     "apd5": "APD K=5",
 }
 QUICK_METHODS = ("plain", "one_step", "sam", "apd3")
-CORRUPTIONS = ("random", "one_step", "multi_step")
+CORRUPTIONS = CORRUPTION_KINDS
 
 
 def config_hash(obj: Any) -> str:
