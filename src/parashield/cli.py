@@ -161,14 +161,10 @@ def cmd_landscape(args: argparse.Namespace) -> int:
             raise SystemExit(f"parashield: error: {name} must be a finite number > 0, got {value}")
     task, model, attack = _objective_from_checkpoint(args)
     budget = Budget("l2", args.eps, scale="layer")
-    directions: dict = {}
 
     def direction(kind: str) -> list:
-        """The corruption direction of ``kind`` (computed once): layer-relative radius eps."""
-        if kind not in directions:
-            kw = {"seed": args.seed} if kind == "random" else {}
-            directions[kind] = corruption_direction(attack, kind, budget, **kw)
-        return directions[kind]
+        """The corruption direction of ``kind``: layer-relative radius eps."""
+        return corruption_direction(attack, kind, budget, **({"seed": args.seed} if kind == "random" else {}))
 
     def filter_random(seed: int) -> list:
         """A filter-normalized random direction scaled by eps: per layer as large as the budget."""
@@ -178,7 +174,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     alphas = _landscape_alphas(args.span, args.points)
     clean = attack.loss()
-    lines = {kind: loss_line(attack, direction(kind), alphas).tolist() for kind in kinds}
+    directions = {kind: direction(kind) for kind in kinds}
+    lines = {kind: loss_line(attack, d, alphas).tolist() for kind, d in directions.items()}
     result: dict = {"task": args.task, "checkpoint": str(args.checkpoint), "eps": args.eps, "span": args.span,
                     "seed": args.seed, "clean_loss": clean,
                     "lines": {"directions": kinds, "alphas": alphas, "losses": lines}, "surface": None}
@@ -189,7 +186,8 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         if args.surface == "random":
             d1, d2, names = filter_random(args.seed), filter_random(args.seed + 1), ["random", "random"]
         else:
-            d1, d2, names = direction("multi_step"), filter_random(args.seed), ["multi_step", "random"]
+            d1 = directions["multi_step"] if "multi_step" in directions else direction("multi_step")
+            d2, names = filter_random(args.seed), ["multi_step", "random"]
         grid = _landscape_alphas(args.span, args.surface_points)
         losses = loss_surface(attack, d1, d2, grid, grid)
         result["surface"] = {"kind": args.surface, "directions": names, "alphas": grid, "betas": grid,

@@ -123,12 +123,13 @@ def write_report(results: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results = dict(results)
     results["versions"] = {"parashield": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    lines = ["# parashield reproduction report", "",
-             f"parashield {__version__}, torch {torch.__version__}, Python {platform.python_version()}.", ""]
+    lines = []
     for name, tr in results["tasks"].items():
-        summary = summarize(tr)
-        tr["summary"] = summary
+        summary = tr["summary"] = summarize(tr)
         tr["findings"] = findings(tr, summary)
+        if tr.get("bitflips"):
+            tr["bitflip_summary"] = bitflip_summary(tr)
+            tr["bitflip_verdict"] = bitflip_verdict(tr["bitflip_summary"])
         lines += _task_markdown(name, tr, summary)
         _plots(name, tr, summary, out)
         lines += [f"![{name}: metric vs eps]({name}_metric_vs_eps.png)", "",
@@ -137,26 +138,27 @@ def write_report(results: dict, out: Path) -> Path:
         if tr.get("bitflips"):
             _bitflip_plot(name, tr, out)
             lines += [f"![{name}: {tr['config']['metric_name']} under bit flips]({name}_bitflips.png)", ""]
-    headline = summary_table(results)
-    lines[4:4] = ["## Summary", "", *headline, ""]
+    header = ["# parashield reproduction report", "",
+              f"parashield {__version__}, torch {torch.__version__}, Python {platform.python_version()}.", "",
+              "## Summary", "", *summary_table(results), ""]
     write_json(out / "results.json", results)
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.md").write_text("\n".join(header + lines) + "\n")
     return out / "report.md"
 
 
 def summary_table(results: dict) -> list[str]:
     """One row per task and method: the clean metric and the metric under the multi-step
-    corruption at the middle and largest layer-relative eps (mean ± std over seeds)."""
+    corruption at the middle and largest layer-relative eps (mean ± std over seeds); reads
+    each task's ``summary``."""
     lines = ["| task | method | clean | multi-step, layer eps (mid) | multi-step, layer eps (max) |",
              "|---|---|---|---|---|"]
     for name, tr in results["tasks"].items():
-        summary = tr.get("summary") or summarize(tr)
-        for method, s in summary.items():
+        metric = tr["config"]["metric_name"]
+        for method, s in tr["summary"].items():
             rows = sorted((g for g in s["grid"] if g["scale"] == "layer"), key=lambda g: g["eps"])
             if not rows:
                 continue
             mid, top = rows[len(rows) // 2], rows[-1]
-            metric = tr["config"]["metric_name"]
             lines.append(f"| {name} ({metric}) | {METHODS.get(method, method)} | {_fmt(*s['clean_metric'], digits=4)} | "
                          f"{_fmt(*mid['multi_step']['metric'], digits=4)} (eps {mid['eps']}) | "
                          f"{_fmt(*top['multi_step']['metric'], digits=4)} (eps {top['eps']}) |")
@@ -334,7 +336,7 @@ def bitflip_verdict(summary: dict) -> Optional[dict]:
 
 
 def _bitflip_markdown(tr: dict) -> list[str]:
-    summary = tr["bitflip_summary"] = bitflip_summary(tr)
+    summary = tr["bitflip_summary"]
     metric = tr["config"]["metric_name"]
     counts = list(next(iter(summary.values()))["random"])
     lines = ["", f"### {metric} under bit flips (int8 weights, per-channel scales)", "",
@@ -348,7 +350,7 @@ def _bitflip_markdown(tr: dict) -> list[str]:
         lines.append(f"| {METHODS.get(m, m)} | {_fmt(*s['quantized'], digits=4)} | "
                      + " | ".join(_fmt(*s["random"][n], digits=4) for n in counts)
                      + f" | {_halve_text(s)} | " + " | ".join(_fmt(*s["after"][n], digits=4) for n in AFTER) + " |")
-    v = tr["bitflip_verdict"] = bitflip_verdict(summary)
+    v = tr["bitflip_verdict"]
     if v is not None:
         a, p, top = summary[v["method"]], summary["plain"], v["top"]
         searched = ("undecided: no model halved within the budget" if v["searched"] is None
@@ -371,7 +373,7 @@ def _bitflip_plot(name: str, tr: dict, out: Path) -> None:
     except ImportError:
         return
     metric = tr["config"]["metric_name"]
-    summary = tr.get("bitflip_summary") or bitflip_summary(tr)
+    summary = tr["bitflip_summary"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for k, (m, s) in enumerate(summary.items()):
         color = f"C{k}"
