@@ -68,7 +68,6 @@ class _Workspace:
     and the rest runs as single kernels over it, memory traded for speed.
     """
 
-    gather_on_cpu = True  # tests switch it off to run the accelerator path on the CPU
     small_tensors = 1 << 16  # mean entries per tensor below which the CPU gathers
 
     def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
@@ -80,7 +79,7 @@ class _Workspace:
         self.gsum = _FlatBuffer(params)
         whole = len(self.corrupted) == len(params) and not layerwise
         small = sum(p.numel() for p in params) < self.small_tensors * len(params)
-        gather = whole and small and self.gather_on_cpu and all(p.device.type == "cpu" for p in params)
+        gather = whole and small and all(p.device.type == "cpu" for p in params)
         self.work = _FlatBuffer(params) if gather else None
         self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
         self.budget_clean = self.clean.views if self.work is None else self.clean.flats
