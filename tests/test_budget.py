@@ -1,4 +1,4 @@
-"""Property tests for ``Budget`` (SPEC section 2): projection, steepest ascent, sampling and
+"""Property tests for ``Budget``: projection, steepest ascent, sampling and
 argument validation, against independent reference solvers written here in numpy float64."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ SCALES = (None, "layer", "element")
 P = {"l1": 1.0, "l2": 2.0, "linf": math.inf}
 Q = {"l1": math.inf, "l2": 2.0, "linf": 1.0}
 SHAPES = [(1,), (2,), (3,), (2, 2), (1, 2), (2, 1)]
-# Exact projection with sparsity (SPEC section 2): L2 unscaled, L-inf unscaled and element-scaled.
+# Exact projection with sparsity: L2 unscaled, L-inf unscaled and element-scaled.
 SPARSE_EXACT = {("l2", None), ("linf", None), ("linf", "element")}
 
 
@@ -177,7 +177,7 @@ def brute_force_sparse_distance(budget, params, x) -> float:
 
 
 def dual_value(budget, params, g) -> float:
-    """max_{a in S} <g, a> in closed form (SPEC section 2)."""
+    """max_{a in S} <g, a> in closed form."""
     eps = budget.eps
     if budget.scale == "layer":
         return sum(
@@ -353,7 +353,7 @@ def test_steepest_attains_dual_norm_and_is_feasible(case):
 
 @pytest.mark.parametrize("norm", NORMS)
 def test_steepest_closed_forms(norm):
-    """SPEC: p=2 -> eps h/||h||; p=inf -> eps sign(h); p=1 -> all of eps on the largest |g_i|."""
+    """p=2 -> eps h/||h||; p=inf -> eps sign(h); p=1 -> all of eps on the largest |g_i|."""
     eps = 0.5
     w = [torch.ones(4, dtype=torch.float64)]
     g = [torch.tensor([1.0, -3.0, 2.0, 0.0], dtype=torch.float64)]

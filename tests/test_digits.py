@@ -1,6 +1,6 @@
 """The papers' first findings on real data at unit-test scale: a small MLP trained for a few
 seconds on scikit-learn's digits. Random corruption barely moves the loss, gradient corruption of
-the same size raises it by orders of magnitude, and multi-step beats one-step (SPEC section 7)."""
+the same size raises it by orders of magnitude, and multi-step beats one-step."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Loss change indicators and corruptions against exact answers (SPEC sections 3-4): linear
+"""Loss change indicators and corruptions against exact answers: linear
 losses (first order is exact), quadratic losses (second order is exact), curvature extras against
 a dense Hessian, per-layer indicators and the critical eps."""
 
@@ -79,7 +79,7 @@ def test_linear_loss_first_order_and_one_step_are_exact(linear_objective, norm, 
     assert ps.loss_change(obj, budget, "second_order") == pytest.approx(expected, rel=1e-9, abs=1e-12)
     # multi-step cannot beat the exact maximum and reaches it on a linear loss, except for the
     # ellipsoid (element-scaled L2): the step s^2 g is not normal to it and the Euclidean
-    # projection (SPEC section 3) then settles slightly off the maximiser
+    # projection then settles slightly off the maximiser
     multi = ps.MultiStepCorruption(budget, steps=10)(obj)
     assert multi.loss_change <= expected * (1 + 1e-9) + 1e-12
     rel = 1e-2 if (norm, scale) == ("l2", "element") else 1e-9

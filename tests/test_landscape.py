@@ -243,7 +243,7 @@ def test_plots_write_pngs(tmp_path):
 # ------------------------------------------------------------------------------ command line
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
-    from parashield.data import MissingDataError
+    from parashield.reproduce.datasets import MissingDataError
     from parashield.reproduce.tasks import digits
 
     try:

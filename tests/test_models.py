@@ -1,4 +1,4 @@
-"""Tests for parashield.models: shapes, parameter counts, LSTM state and tying, Transformer
+"""Tests for parashield.reproduce.models: shapes, parameter counts, LSTM state and tying, Transformer
 masking and greedy decoding, TextClassifier bag equivalence, double backward (HVP) in eval mode,
 and one SGD step reducing the loss."""
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from parashield.models import (
+from parashield.reproduce.models import (
     MLP,
     MODELS,
     LSTMLanguageModel,

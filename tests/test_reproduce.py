@@ -1,4 +1,4 @@
-"""The paper reproduction (SPEC section 7): a tiny end-to-end run of every task, the run cache
+"""The paper reproduction: a tiny end-to-end run of every task, the run cache
 and the resume after an interruption, and the report writer on hand-written results."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import parashield
-from parashield.data import MissingDataError
+from parashield.reproduce.datasets import MissingDataError
 from parashield.reproduce import METHODS, TASKS, run, runner, write_report
 from parashield.reproduce.report import _fmt, findings, summarize
 from parashield.reproduce.runner import mean_std
@@ -167,7 +167,7 @@ def test_cache_key_covers_shrink_data_seed_and_method(digits_tiny):
 
 def test_stale_checkpoint_of_another_model_is_not_loaded(digits_tiny, tmp_path):
     """A config change that changes the model's shape must start over, not crash on load."""
-    from parashield.models import MLP
+    from parashield.reproduce.models import MLP
 
     run(digits_tiny, ("plain",), 1, tmp_path)
     other = dataclasses.replace(digits_tiny, build_model=lambda: MLP(64, hidden=(16,), num_classes=10),

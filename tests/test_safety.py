@@ -1,5 +1,5 @@
 """Safety: everything the library touches is restored bit for bit, the objective's arithmetic over
-batches, argument validation and parameter selection (SPEC sections 1, 3 and 6)."""
+batches, argument validation and parameter selection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Budgets: the sets S of allowed parameter corruptions (SPEC section 2).
+"""Budgets: the sets S of allowed parameter corruptions.
 
 ``S = {a : ||a||_p <= eps, ||a||_0 <= n}`` over all selected tensors seen as one vector, with
 p in {1, 2, inf} and optional n-sparsity. Scaled variants make eps scale-invariant:
@@ -361,7 +361,7 @@ class Budget:
         Exact for every norm and scale without sparsity. With sparsity the n coordinates with the
         largest ``|a_i|`` are kept (for L-inf the largest saving ``a_i^2 - (|a_i| - bound_i)_+^2``)
         and then projected onto the ball: exact for L2 and L-inf, a heuristic for L1 and for
-        element-scaled L2 (SPEC section 2).
+        element-scaled L2.
         """
         r = self.eps
         s = self._element_scale(params) if self.scale == "element" else None

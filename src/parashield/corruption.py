@@ -1,4 +1,4 @@
-"""Parameter corruptions (SPEC section 3): random, gradient (one-step) and multi-step adversarial,
+"""Parameter corruptions: random, gradient (one-step) and multi-step adversarial,
 and ``corrupted``, the context manager that applies one and restores the model bit for bit.
 """
 

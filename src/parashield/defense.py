@@ -1,4 +1,4 @@
-"""Adversarial parameter defense (SPEC section 5): multi-step risk minimization as a
+"""Adversarial parameter defense: multi-step risk minimization as a
 ``torch.optim`` wrapper, with SAM, one-step corruption-resistant training and random weight
 perturbation as presets of the same core.
 

@@ -1,4 +1,4 @@
-"""Loss change indicators (SPEC section 4): estimates of ``max_{a in S} L(w + a) - L(w)``, the
+"""Loss change indicators: estimates of ``max_{a in S} L(w + a) - L(w)``, the
 curvature extras (top Hessian eigenvalue, Hessian trace), per-layer vulnerability and the
 critical eps at which a metric collapses.
 

@@ -1,5 +1,5 @@
 """The objective L(w + a): a model, a loss function and data, seen as a function of the selected
-parameters (SPEC section 1).
+parameters.
 
 ``Objective.probe()`` is the one place where the model is touched: it puts the model in eval mode
 (or keeps train mode on request), saves the selected parameters once, and on exit restores

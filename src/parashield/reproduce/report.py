@@ -1,5 +1,5 @@
 """Aggregate runs over seeds into ``results.json``, ``report.md`` and PNG plots, and decide the
-papers' four findings (SPEC section 7) from the numbers."""
+papers' four findings from the numbers."""
 
 from __future__ import annotations
 

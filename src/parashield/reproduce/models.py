@@ -1,4 +1,4 @@
-"""Small, real models for the experiments (SPEC section 7), in plain PyTorch.
+"""Small, real models for the experiments, in plain PyTorch.
 
 All models are sized to train on a 2-core CPU and are safe for second-order autograd
 (Hessian-vector products via ``torch.autograd.grad(..., create_graph=True)``) in eval and train
