@@ -532,3 +532,13 @@ def test_names_with_glob_characters_select_exactly():
     assert names(m, ["a[0].bias", "b*.bias"]) == ["a[0].bias", "b*.bias"]
     assert names(m, "a?.weight") == ["a0.weight"]  # still a glob when no name matches exactly
     assert names(m, "b*") == ["b*.weight", "b*.bias"]  # not a name: a glob pattern
+
+
+def test_an_empty_corruption_is_a_no_op():
+    import parashield as ps
+
+    model = torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with ps.corrupted(model, {}):
+        pass
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

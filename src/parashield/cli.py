@@ -54,13 +54,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
         task = _load_task(name, quick=args.quick)
-        methods = chosen or task.methods or tuple(METHODS)
+        methods = chosen or task.methods
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
         results["tasks"][name] = run(task, methods, seeds, out)
         results["tasks"][name]["seeds"] = seeds  # what this task used (the top-level one is --seeds)
         if task.bitflips:
-            results["tasks"][name]["bitflips"] = run_bitflips(task, methods, seeds, out)
+            results["tasks"][name]["bitflips"] = run_bitflips(task, results["tasks"][name], out)
             results["tasks"][name]["bitflip_config"] = task.bitflips
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")

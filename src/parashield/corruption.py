@@ -305,6 +305,9 @@ def corrupted(
     for n, p in zip(delta, params):
         if tuple(delta[n].shape) != tuple(p.shape):
             raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")
+    if not params:  # an empty corruption (e.g. a bit search that stopped before its first flip)
+        yield model
+        return
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -1,14 +1,10 @@
-"""Bit-flip experiments of the reproduction: each trained model is quantized to int8 (one scale
-per output channel) and its test metric measured under random bit flips and under the
-progressive bit search. Results are cached per run in ``bitflips.json`` beside ``train.pt``,
-keyed by the run's configuration and the flip settings, so they are added to finished runs
-without retraining."""
+"""Bit-flip experiments of the reproduction: each final model is quantized to int8 (one scale per
+output channel) and its test metric measured under random bit flips and along the progressive bit
+search. Cached per run in ``bitflips.json`` beside ``train.pt``."""
 
 from __future__ import annotations
 
 import copy
-import functools
-import json
 import time
 from pathlib import Path
 
@@ -16,11 +12,11 @@ from torch import nn
 
 from .._progress import progress
 from ..bitflip import ProgressiveBitSearch, RandomBitFlip
-from ..checkpoint import load_checkpoint
 from ..corruption import corrupted
 from ..objective import Objective
 from ..quantization import quantize_
-from .runner import _metric, config_hash, run_key, write_json
+from .findings import CONTROLS
+from .runner import Run, Spec, _metric
 from .tasks import Task
 
 
@@ -35,8 +31,11 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
                          "(flip experiments halve an accuracy-like metric)")
     model = copy.deepcopy(model).eval()
     q = quantize_(model, granularity="channel")
+    data = task.corrupted_data
 
-    metric = functools.partial(_metric, task)
+    def metric(m: nn.Module) -> float:
+        return _metric(task, m, data)
+
     attack = Objective(model, task.loss_fn, task.attack_data[: cfg["search_batches"]])
     clean = metric(model)
     out: dict = {"quantized_metric": clean, "bits": q.bits, "random": []}
@@ -57,26 +56,14 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     return out
 
 
-def run_bitflips(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> list[dict]:
-    """Flip experiments for every finished (method, seed) run of ``task`` under ``out``, reusing
-    cached ones; runs without a finished training are skipped."""
-    results = []
-    jobs = [(seed, m) for seed in range(seeds) for m in methods if m in task.bitflip_methods]
-    for seed, method in progress(jobs, desc=f"bit flips {task.name}", unit="run"):
-        folder = out / "runs" / task.name / method / f"seed{seed}"
-        train_key = run_key(task, method, seed)
-        key = config_hash({"run": train_key, "bitflips": task.bitflips})
-        cache = folder / "bitflips.json"
-        cached = json.loads(cache.read_text()) if cache.exists() else {}
-        if cached.get("key") == key:
-            results.append(cached)
-            continue
-        done = folder / "eval.json"
-        if not done.exists() or json.loads(done.read_text()).get("key") != train_key:
-            continue
-        model = task.build_model()
-        load_checkpoint(folder / "train.pt", model, restore_rng=False)
-        result = {"key": key, "method": method, "seed": seed, **flip_evaluate(task, model, seed)}
-        write_json(cache, result)
-        results.append(result)
-    return results
+def run_bitflips(task: Task, result: dict, out: Path) -> list[dict]:
+    """Flip experiments for the plain model, the controls and the headline APD of a finished
+    :func:`.runner.run` result, over its seeds."""
+    wanted = {*CONTROLS, result["headline"]}
+    jobs = [r for r in result["runs"] if r["method"] in wanted]
+    rows = []
+    for r in progress(jobs, desc=f"bit flips {task.name}", unit="run"):
+        run = Run(task, Spec(**r["spec"]), r["seed"], out)
+        data = run.cached("bitflips", lambda m, s=r["seed"]: flip_evaluate(task, m, s), extra_key=task.bitflips)
+        rows.append({"method": r["method"], "seed": r["seed"], **data})
+    return rows

@@ -1,128 +1,201 @@
-"""Train each method, evaluate it under corruption, cache every run by its configuration.
+"""The reproduction protocol: choose on validation, train every method over seeds, evaluate on test.
 
-A run is one (task, method, seed). Its folder holds ``train.pt`` (checkpoint after each epoch, so
-an interrupted run resumes) and ``eval.json`` (the finished evaluation); both carry a hash of the
-configuration, and a folder whose hash differs is recomputed.
+1. References: the task's classical baselines, fitted on train, tuned on validation, scored on test.
+2. Selection (seed 0, scored on validation only): plain training's learning rate by clean
+   validation metric; each defense's radius (and SAM's rho) by the validation robustness score,
+   the mean of the oriented validation metric clean and under the multi-step corruption at every
+   evaluation eps; APD's headline K the same way. Every run keeps the epoch with the best clean
+   validation metric (early stopping on validation).
+3. Final runs: every method with its chosen settings over all seeds (seed 0 reuses the
+   selection run), evaluated on test: clean, random, one-step and multi-step corruption with 10
+   and 50 steps and 50 steps with 5 restarts, the indicators on the attack data, the Taylor
+   sweep and a per-layer table measured by corrupting one tensor at a time.
+
+Each run lives in ``<out>/cache/<task>/<run>/seed<k>/``: ``train.pt`` (checkpoint after every
+epoch, so an interrupted run resumes), ``valid.json`` and ``eval.json``; see :mod:`.cache`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from .. import __version__
 from .._progress import progress
 from ..budget import Budget
 from ..checkpoint import load_checkpoint, save_checkpoint
-from ..corruption import (
-    CORRUPTION_KINDS,
-    GradientCorruption,
-    MultiStepCorruption,
-    RandomCorruption,
-    corrupted,
-)
+from ..corruption import GradientCorruption, MultiStepCorruption, RandomCorruption, corrupted
 from ..defense import APD, SAM, OneStepDefense
-from ..indicators import (
-    critical_eps,
-    hessian_top_eigenvalue,
-    hessian_trace,
-    layer_vulnerability,
-    loss_change,
-)
+from ..indicators import loss_change
 from ..objective import Objective, preserved_modes
+from . import cache
 from .tasks import Task
 
-#: method name -> (label, APD steps or None for plain training)
+#: bump when what a run computes changes, so that older cache entries are recomputed
+SCHEMA = 2
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one training run is: the method's family and its settings."""
+
+    method: str  #: "plain" | "one_step" | "sam" | "sam_layer" | "apd"
+    lr: float
+    eps: Optional[float] = None  #: layer-relative L2 radius (rho for "sam", absolute)
+    steps: int = 0  #: APD's K
+    include_clean: bool = True
+    epochs_factor: int = 1  #: compute-matched plain training runs this many times the epochs
+
+    @property
+    def passes(self) -> int:
+        """Forward/backward passes per optimizer step: K + 1 for every defense (the clean pass
+        builds the first corruption whether or not its loss enters the average)."""
+        return {"plain": 1, "one_step": 2, "sam": 2, "sam_layer": 2}.get(self.method, self.steps + 1)
+
+    @property
+    def compute(self) -> int:
+        """Gradient passes of the whole training run, in units of plain training's."""
+        return self.passes * self.epochs_factor
+
+    def name(self) -> str:
+        """A short readable folder name."""
+        parts = [self.method, f"lr{self.lr:g}"]
+        if self.eps is not None:
+            parts.append(f"eps{self.eps:.4g}")
+        if self.method == "apd":
+            parts.append(f"K{self.steps}" + ("" if self.include_clean else "-noclean"))
+        if self.epochs_factor != 1:
+            parts.append(f"x{self.epochs_factor}")
+        return "_".join(parts)
+
+
+#: the methods of the final comparison: label and how they are built from the selection
 METHODS = {
     "plain": "plain training",
-    "one_step": "one-step corruption-resistant training (K=1)",
-    "sam": "SAM",
+    "plain_matched": "plain training, compute-matched to the headline APD",
+    "one_step": "one-step corruption-resistant training (APD K=1)",
+    "sam": "SAM (absolute rho)",
+    "sam_layer": "layer-relative SAM (K=1, clean loss excluded)",
     "apd2": "APD K=2",
     "apd3": "APD K=3",
     "apd5": "APD K=5",
+    "apd3_noclean": "APD K=3 without the clean loss",
 }
-QUICK_METHODS = ("plain", "one_step", "sam", "apd3")
-CORRUPTIONS = CORRUPTION_KINDS
+QUICK_METHODS = ("plain", "plain_matched", "one_step", "sam", "sam_layer", "apd3", "apd3_noclean")
 
 
-def config_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _oriented(task: Task, value: float) -> float:
+    """Larger is better: the metric, or minus the log of a perplexity."""
+    if task.higher_is_better:
+        return value
+    return -math.log(value) if value > 0 and math.isfinite(value) else -math.inf
 
 
-def run_key(task: Task, method: str, seed: int) -> str:
-    """Cache key of one (task, method, seed) run: everything that changes its results."""
-    return config_hash({"task": task.config(), "method": method, "seed": seed, "version": __version__})
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
-def build_optimizer(method: str, model: nn.Module, task: Task) -> torch.optim.Optimizer:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+def build_optimizer(spec: Spec, model: nn.Module, task: Task) -> torch.optim.Optimizer:
     if task.optimizer == "sgd":
-        base, kw = torch.optim.SGD, dict(lr=task.lr, momentum=task.momentum, weight_decay=task.weight_decay)
+        base, kw = torch.optim.SGD, dict(lr=spec.lr, momentum=task.momentum, weight_decay=task.weight_decay)
     else:
-        base, kw = torch.optim.Adam, dict(lr=task.lr, weight_decay=task.weight_decay)
+        base, kw = torch.optim.Adam, dict(lr=spec.lr, weight_decay=task.weight_decay)
     params = model.parameters()
-    budget = Budget("l2", task.train_eps, scale="layer")
-    if method == "plain":
+    if spec.method == "plain":
         return base(params, **kw)
-    if method == "one_step":
+    if spec.method == "sam":
+        return SAM(params, base, rho=spec.eps, **kw)
+    budget = Budget("l2", spec.eps, scale="layer")
+    if spec.method == "one_step":
         return OneStepDefense(params, base, budget=budget, **kw)
-    if method == "sam":
-        return SAM(params, base, rho=task.sam_rho, **kw)
-    return APD(params, base, budget=budget, steps=int(method[3:]), **kw)
+    if spec.method == "sam_layer":
+        return APD(params, base, budget=budget, steps=1, include_clean=False, **kw)
+    return APD(params, base, budget=budget, steps=spec.steps, include_clean=spec.include_clean, **kw)
 
 
-def train(task: Task, method: str, seed: int, folder: Path, key: str) -> tuple[nn.Module, dict]:
-    """Train (or resume, or load) one run; returns the model and its training log."""
-    torch.manual_seed(seed)
-    model = task.build_model()
-    opt = build_optimizer(method, model, task)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=task.epochs)
-    ckpt = folder / "train.pt"
-    log: dict = {"epochs": [], "seconds": 0.0}
-    start = 0
-    # A checkpoint of another configuration (maybe another model shape) is never loaded: start over.
-    if ckpt.exists() and _checkpoint_key(ckpt) == key:
-        extra = load_checkpoint(ckpt, model, opt, sched)
-        log, start = extra["log"], extra["epoch"]
-    gen = torch.Generator().manual_seed(seed * 1000 + start)
-    for epoch in progress(range(start, task.epochs), desc=f"{task.name}/{method}/seed{seed}", initial=start,
-                           total=task.epochs, unit="epoch"):
-        model.train()
-        t0 = time.perf_counter()
-        total, count = 0.0, 0
-        for batch in task.train_epoch(gen):
-            def closure(batch=batch):
-                opt.zero_grad()
-                loss = task.loss_fn(model, batch)
-                loss.backward()
-                return loss
+def _metric(task: Task, model: nn.Module, data: list) -> float:
+    with preserved_modes(model, False):
+        return float(task.metric(model, data))
 
-            loss = opt.step(closure)
-            total += float(loss.detach())
-            count += 1
-        sched.step()
-        log["seconds"] += time.perf_counter() - t0
-        log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(count, 1)})
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch + 1)
-        save_checkpoint(ckpt, model, opt, sched, key=key, log=log, epoch=epoch + 1)
-    model.eval()
-    return model, log
+
+class Run:
+    """One (task, spec, seed): trains on demand (resuming from its checkpoint) and caches its
+    validation and test evaluations."""
+
+    def __init__(self, task: Task, spec: Spec, seed: int, out: Path) -> None:
+        self.task, self.spec, self.seed = task, spec, seed
+        self.folder = out / "cache" / task.name / spec.name() / f"seed{seed}"
+        self.key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "spec": asdict(spec), "seed": seed})
+        self._model: Optional[nn.Module] = None
+
+    def model(self) -> nn.Module:
+        """The trained model (trained or loaded under the folder's lock)."""
+        if self._model is None:
+            with cache.locked(self.folder):
+                self._model = self._train()
+        return self._model
+
+    def _train(self) -> nn.Module:
+        """Train for ``epochs x epochs_factor`` epochs, keeping the epoch with the best clean
+        validation metric; resumes from ``train.pt``."""
+        task, spec = self.task, self.spec
+        torch.manual_seed(self.seed)
+        model = task.build_model()
+        epochs = task.epochs * spec.epochs_factor
+        opt = build_optimizer(spec, model, task)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        ckpt = self.folder / "train.pt"
+        log: dict = {"epochs": [], "seconds": 0.0, "best_epoch": 0, "best_valid": -math.inf, "best_state": None}
+        start = 0
+        if ckpt.exists() and _checkpoint_key(ckpt) == self.key:
+            extra = load_checkpoint(ckpt, model, opt, sched)
+            log, start = extra["log"], extra["epoch"]
+        for epoch in progress(range(start, epochs), desc=f"{task.name}/{spec.name()}/seed{self.seed}", initial=start,
+                              total=epochs, unit="epoch"):
+            gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            model.train()
+            t0 = time.perf_counter()
+            total, count = 0.0, 0
+            for batch in task.train_epoch(gen):
+                def closure(batch=batch):
+                    opt.zero_grad()
+                    loss = task.loss_fn(model, batch)
+                    loss.backward()
+                    return loss
+
+                total += float(opt.step(closure).detach())
+                count += 1
+            sched.step()
+            log["seconds"] += time.perf_counter() - t0
+            valid = _oriented(task, _metric(task, model, task.valid_data))
+            log["epochs"].append({"epoch": epoch + 1, "train_loss": total / max(count, 1), "valid": valid})
+            if valid > log["best_valid"]:
+                log.update(best_epoch=epoch + 1, best_valid=valid,
+                           best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            save_checkpoint(ckpt, model, opt, sched, key=self.key, log=log, epoch=epoch + 1)
+        if log["best_state"] is not None:
+            model.load_state_dict(log["best_state"])
+        self.log = {k: v for k, v in log.items() if k != "best_state"}
+        return model.eval()
+
+    def cached(self, kind: str, compute: Callable[[nn.Module], dict], extra_key: Any = None) -> dict:
+        """The ``<kind>.json`` entry of this run ("valid", "eval", "bitflips"), computed once from
+        the trained model; ``extra_key`` adds settings of that computation to the run's key."""
+        path = self.folder / f"{kind}.json"
+        key = self.key if extra_key is None else cache.config_hash({"run": self.key, "extra": extra_key})
+        data = cache.load(path, key)
+        if data is not None:
+            return data
+        with cache.locked(self.folder):
+            data = cache.load(path, key)  # another process may have finished it meanwhile
+            if data is None:
+                if self._model is None:
+                    self._model = self._train()
+                t0 = time.perf_counter()
+                data = {**compute(self._model), "train": self.log, "seconds": time.perf_counter() - t0}
+                cache.store(path, key, data)
+        return data
 
 
 def _checkpoint_key(path: Path) -> Optional[str]:
@@ -132,99 +205,148 @@ def _checkpoint_key(path: Path) -> Optional[str]:
         return None
 
 
-def _metric(task: Task, model: nn.Module) -> float:
-    with preserved_modes(model, False):
-        return float(task.metric(model, task.test_data))
-
-
-def evaluate(task: Task, model: nn.Module, seed: int) -> dict:
-    """Clean and corrupted test metrics over the eps grid, indicators, per-layer table, critical eps."""
-    test = Objective(model, task.loss_fn, task.test_data)
+# ---------------------------------------------------------------------------- evaluations
+def validation_score(task: Task, model: nn.Module) -> dict:
+    """Clean validation metric and validation metric under the multi-step corruption (computed
+    on the attack data) at every evaluation eps; ``score`` is their oriented mean."""
     attack = Objective(model, task.loss_fn, task.attack_data)
-    clean_loss, clean_metric = test.loss(), _metric(task, model)
-    out: dict = {"clean": {"loss": clean_loss, "metric": clean_metric, "attack_loss": attack.loss()}, "grid": []}
-    grid = [(s, e) for s, values in task.eval_eps.items() for e in values]
-    for scale, eps in progress(grid, desc=f"evaluate {task.name}", unit="eps"):
-        budget = Budget("l2", eps, scale="layer" if scale == "layer" else None)
-        row: dict = {"scale": scale, "eps": eps}
+    clean = _metric(task, model, task.valid_data)
+    under = []
+    for eps in task.eval_eps:
+        res = MultiStepCorruption(Budget("l2", eps, scale="layer"), steps=task.multi_steps)(attack)
+        with corrupted(model, res):
+            under.append(_metric(task, model, task.valid_data))
+    values = [_oriented(task, v) for v in [clean, *under]]
+    return {"clean": clean, "multi_step": under, "score": sum(values) / len(values)}
+
+
+def attacks(task: Task, budget: Budget, seed: int) -> dict:
+    """The corruptions of the evaluation at one budget, by name."""
+    return {"one_step": GradientCorruption(budget),
+            "multi_step": MultiStepCorruption(budget, steps=task.multi_steps),
+            "multi_step_50": MultiStepCorruption(budget, steps=task.strong_steps),
+            "multi_step_50x5": MultiStepCorruption(budget, steps=task.strong_steps, restarts=task.strong_restarts,
+                                                   seed=seed)}
+
+
+def test_evaluation(task: Task, model: nn.Module, seed: int) -> dict:
+    """Everything the findings read, on test data (corruptions computed on the attack data)."""
+    test, data = task.test_data, task.corrupted_data
+    attack = Objective(model, task.loss_fn, task.attack_data)
+    test_obj = Objective(model, task.loss_fn, data)
+    out: dict = {"clean": {"metric": _metric(task, model, test), "corrupted_subset_metric": _metric(task, model, data),
+                           "loss": test_obj.loss(), "attack_loss": attack.loss()}, "grid": []}
+    for eps in progress(task.eval_eps, desc=f"evaluate {task.name}", unit="eps"):
+        budget = Budget("l2", eps, scale="layer")
+        row: dict = {"eps": eps, "indicators": {"first_order": loss_change(attack, budget, "first_order")}}
         rc = RandomCorruption(budget, trials=task.random_trials, seed=seed)
         losses, metrics = [], []
         for delta in rc.samples(attack):
             with corrupted(model, dict(zip(attack.names, delta))):
-                losses.append(test.loss())
-                metrics.append(_metric(task, model))
-        (loss_mean, loss_std), (metric_mean, metric_std) = mean_std(losses), mean_std(metrics)
-        row["random"] = {"loss": loss_mean, "loss_std": loss_std, "metric": metric_mean, "metric_std": metric_std}
-        indicators = {"first_order": loss_change(attack, budget, "first_order")}
-        for kind, corr in (("one_step", GradientCorruption(budget)),
-                           ("multi_step", MultiStepCorruption(budget, steps=task.multi_steps))):
+                losses.append(test_obj.loss())
+                metrics.append(_metric(task, model, data))
+        row["random"] = {"loss": sum(losses) / len(losses), "metric": sum(metrics) / len(metrics)}
+        row["indicators"]["random"] = rc(attack).mean_change
+        for kind, corr in attacks(task, budget, seed).items():
             res = corr(attack)
             with corrupted(model, res):
-                row[kind] = {"loss": test.loss(), "metric": _metric(task, model)}
-            indicators[kind] = res.loss_change
-        indicators["random"] = rc(attack).mean_change
+                row[kind] = {"loss": test_obj.loss(), "metric": _metric(task, model, data)}
+            row["indicators"][kind] = res.loss_change
         if task.curvature:
-            indicators["second_order"] = loss_change(attack, budget, "second_order", iters=task.curvature_iters)
-        row["indicators"] = indicators
+            row["indicators"]["second_order"] = loss_change(attack, budget, "second_order", iters=task.curvature_iters)
         out["grid"].append(row)
-    out["sweep"] = []  # finding 3: first-order indicator vs the measured one-step change as eps -> 0
+    out["sweep"] = []
     for eps in task.sweep_eps:
         budget = Budget("l2", eps, scale="layer")
         out["sweep"].append({"eps": eps, "first_order": loss_change(attack, budget, "first_order"),
                              "one_step": GradientCorruption(budget)(attack).loss_change})
-    mid = task.eval_eps["layer"][len(task.eval_eps["layer"]) // 2]
-    out["layers"] = [vars(r) for r in layer_vulnerability(attack, Budget("l2", mid, scale="layer"))]
-    out["layers_eps"] = mid
-    drop = task.metric_drop
-    sign = 1.0 if task.higher_is_better else -1.0
-    out["critical_eps"] = {
-        kind: critical_eps(attack, Budget("l2", task.eval_eps["layer"][0], scale="layer"),
-                           lambda m: sign * task.metric(m, task.test_data), drop, corruption=kind,
-                           iters=task.critical_iters, max_doublings=task.critical_doublings,
-                           **({"steps": 5} if kind == "multi_step" else {"trials": 3, "seed": seed} if kind == "random" else {}))
-        for kind in task.critical_kinds
-    }
-    out["critical_eps_definition"] = f"layer-relative L2 eps at which {task.metric_name} worsens by {drop}"
-    if task.curvature:
-        out["hessian"] = {"top_eigenvalue": hessian_top_eigenvalue(attack, iters=task.curvature_iters),
-                          "trace": hessian_trace(attack, samples=task.trace_samples, seed=seed)}
+    mid = task.eval_eps[len(task.eval_eps) // 2]
+    out["layers_eps"], out["layers"] = mid, []
+    for i, name in enumerate(attack.names):  # measured: one tensor corrupted at a time
+        sub = attack.restrict([attack.params[i]])
+        res = MultiStepCorruption(Budget("l2", mid, scale="layer"), steps=task.multi_steps)(sub)
+        with corrupted(model, res):
+            out["layers"].append({"name": name, "numel": attack.params[i].numel(),
+                                  "metric": _metric(task, model, data), "loss_change": res.loss_change})
     return out
 
 
-def mean_std(xs: list[float]) -> tuple[float, float]:
-    """Mean and sample std (0 for one value). Missing values (None, NaN) are left out; an
-    infinite value (a loss or perplexity that overflowed, a critical eps never reached) makes
-    the mean infinite and the std NaN."""
-    xs = [float(x) for x in xs if x is not None and not math.isnan(x)]
-    if not xs:
-        return math.nan, math.nan
-    if any(math.isinf(x) for x in xs):
-        return sum(xs) / len(xs), math.nan  # +-inf (NaN if both signs occur)
-    m = sum(xs) / len(xs)
-    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return m, s
+# ---------------------------------------------------------------------------- the protocol
+def _norm(model: nn.Module) -> float:
+    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters())))
 
 
-def run(task: Task, methods: tuple[str, ...], seeds: int, out: Path) -> dict:
-    """Train and evaluate every (method, seed), reusing cached runs; returns all run results."""
+def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, Spec], dict]:
+    """Choose every setting on validation (seed 0); returns the final specs by method and the
+    ``selection`` record (candidates, their validation scores, the pick)."""
+    record: dict = {}
+
+    def pick(what: str, specs: list[Spec], score: Callable[[dict], float], candidates: list) -> Spec:
+        scores = [score(Run(task, s, 0, out).cached("valid", lambda m: validation_score(task, m))) for s in specs]
+        best = max(range(len(specs)), key=lambda i: scores[i])
+        record[what] = {"candidates": candidates, "validation": scores, "pick": candidates[best],
+                        "selected_on": "validation",
+                        "criterion": "clean validation metric" if what == "lr" else
+                        "mean oriented validation metric, clean and under multi-step corruption at every eval eps"}
+        return specs[best]
+
+    plain = pick("lr", [Spec("plain", lr) for lr in task.lr_grid], lambda v: _oriented(task, v["clean"]), list(task.lr_grid))
+    lr = plain.lr
+    robust = lambda v: v["score"]  # noqa: E731
+    eps_of = lambda method, steps=0, clean=True: pick(  # noqa: E731
+        f"{method}{steps or ''}{'' if clean else '_noclean'}_eps",
+        [Spec(method, lr, e, steps, clean) for e in task.eps_grid], robust, list(task.eps_grid))
+    specs: dict[str, Spec] = {"plain": plain}
+    if "one_step" in methods:
+        specs["one_step"] = eps_of("one_step")
+    if "sam_layer" in methods:
+        specs["sam_layer"] = eps_of("sam_layer")
+    if "sam" in methods:  # absolute rho spanning the layer-relative radii: eps * ||w|| of trained plain
+        w = _norm(Run(task, plain, 0, out).model())
+        rhos = [round(e * w, 6) for e in task.eps_grid]
+        specs["sam"] = pick("sam_rho", [Spec("sam", lr, r) for r in rhos], robust, rhos)
+        record["sam_rho"]["plain_weight_norm"] = w
+    apd_ks = sorted({int(m[3]) for m in methods if m.startswith("apd")} | set(task.k_grid))
+    for k in apd_ks:
+        specs[f"apd{k}"] = eps_of("apd", k)
+    if "apd3_noclean" in methods:
+        specs["apd3_noclean"] = replace(specs["apd3"], include_clean=False)
+    heads = [k for k in task.k_grid]
+    scores = [record[f"apd{k}_eps"]["validation"][record[f"apd{k}_eps"]["candidates"].index(specs[f"apd{k}"].eps)]
+              for k in heads]
+    head = heads[max(range(len(heads)), key=lambda i: scores[i])]
+    record["headline_k"] = {"candidates": heads, "validation": scores, "pick": head, "selected_on": "validation",
+                            "criterion": "validation robustness score of each K at its chosen eps"}
+    specs["apd"] = specs[f"apd{head}"]
+    if "plain_matched" in methods:
+        specs["plain_matched"] = replace(plain, epochs_factor=specs["apd"].passes)
+    return specs, record
+
+
+def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
+    """The whole protocol for one task: references, selection, final runs over ``seeds``."""
+    methods = tuple(methods or task.methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {sorted(METHODS)}, got {unknown}")
+    ref_key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "references": True})
+    ref_path = out / "cache" / task.name / "references.json"
+    references = cache.load(ref_path, ref_key)
+    if references is None:
+        references = task.references()
+        cache.store(ref_path, ref_key, references)
+    specs, selection = select(task, out, methods)
+    headline = f"apd{selection['headline_k']['pick']}"
+    methods = methods if headline in methods else (*methods, headline)
     runs = []
-    for seed in range(seeds):
-        for method in methods:
-            key = run_key(task, method, seed)
-            folder = out / "runs" / task.name / method / f"seed{seed}"
-            folder.mkdir(parents=True, exist_ok=True)
-            done = folder / "eval.json"
-            if done.exists():
-                cached = json.loads(done.read_text())
-                if cached.get("key") == key:
-                    runs.append(cached)
-                    continue
-            t0 = time.perf_counter()
-            model, log = train(task, method, seed, folder, key)
-            t1 = time.perf_counter()
-            result = {"key": key, "task": task.name, "method": method, "seed": seed, "train": log,
-                      "eval": evaluate(task, model, seed), "eval_seconds": time.perf_counter() - t1,
-                      "train_seconds_this_session": t1 - t0}
-            write_json(done, result)
-            runs.append(result)
-    return {"task": task.name, "config": task.config(), "higher_is_better": task.higher_is_better, "runs": runs}
+    jobs = [(seed, m) for seed in range(seeds) for m in methods]
+    for seed, method in progress(jobs, desc=f"{task.name} runs", unit="run"):
+        spec = specs[method]
+        r = Run(task, spec, seed, out)
+        runs.append({"method": method, "seed": seed, "spec": asdict(spec), "passes": spec.passes, "compute": spec.compute,
+                     "folder": str(r.folder.relative_to(out)),
+                     "eval": r.cached("eval", lambda m, s=seed: test_evaluation(task, m, s))})
+    return {"task": task.name, "config": task.config(), "higher_is_better": task.higher_is_better,
+            "chance": task.chance, "point": task.point, "references": references, "selection": selection,
+            "headline": headline, "methods": list(methods), "seeds": seeds,
+            "runs": runs}

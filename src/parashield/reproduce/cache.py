@@ -1,0 +1,98 @@
+"""The reproduction's run folders: JSON entries written atomically under unique temporary names,
+each with the key of the configuration that made it and a checksum of its content, and a lock so
+that two processes sharing one output folder never compute or write the same run twice.
+
+An entry that cannot be read, whose key differs or whose checksum does not match its content is
+stale: a warning says why and the run is computed again."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+
+def config_hash(obj: Any) -> str:
+    """A short, stable hash of JSON-able data (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a uniquely named temporary file in the same folder
+    (fsync, then rename), with the permissions of a plainly created file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic JSON write (numbers that JSON lacks, such as numpy floats, written as floats)."""
+    atomic_write(Path(path), json.dumps(data, indent=1, sort_keys=True, default=float).encode())
+
+
+def _checksum(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=float).encode()).hexdigest()
+
+
+def store(path: Path, key: str, data: Any) -> None:
+    """Write one cache entry: ``data`` with its configuration ``key`` and checksum."""
+    write_json(path, {"key": key, "sha256": _checksum(data), "data": data})
+
+
+def load(path: Path, key: str) -> Optional[Any]:
+    """The data of the entry at ``path`` if it is readable, was made by configuration ``key`` and
+    matches its checksum; None otherwise (with a warning when an entry exists but is unusable)."""
+    if not path.exists():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+        if not isinstance(entry, dict) or not {"key", "sha256", "data"} <= entry.keys():
+            raise ValueError("not a parashield cache entry")
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"cache entry {path} is unreadable ({exc}); computing it again", stacklevel=2)
+        return None
+    if entry["key"] != key:
+        return None  # another configuration: silently recomputed
+    if entry["sha256"] != _checksum(entry["data"]):
+        warnings.warn(f"cache entry {path} does not match its checksum (edited or damaged); computing it again",
+                      stacklevel=2)
+        return None
+    return entry["data"]
+
+
+@contextlib.contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold the folder's lock (waiting for another process that holds it) and clear temporary
+    files that an interrupted writer left behind."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            for orphan in folder.glob(".*.tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    orphan.unlink()
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
