@@ -315,7 +315,7 @@ class APD(torch.optim.Optimizer):
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
         ``NonFiniteGradientError`` naming the pass, unless a ``GradScaler`` is given, in which case
         the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
-        recipe, see README).
+        recipe in the user guide, docs/guide.md).
         """
         return self._trajectory(scaler, None)
 
