@@ -13,6 +13,9 @@ to the sum and turned in place into ``a_{t+1} = project((w + a_t) + step - w)`` 
 recovered up to one rounding of w), and the parameters are set to ``w + a_{t+1}``. Every step of
 this is one ``torch._foreach_*`` call over all tensors (one fused kernel on CUDA), with no hooks,
 no host sync until the single finiteness check at the end, and no allocation besides autograd's.
+
+The risk, the presets and the training details: docs/method.md, "Adversarial parameter defense";
+recipes: docs/guide.md.
 """
 
 from __future__ import annotations
