@@ -1,4 +1,4 @@
-"""Tests for parashield.reproduce.datasets on the real, installed data sets (DATA.md).
+"""Tests for parashield.reproduce.datasets on the real data sets that scripts/setup.sh installs.
 
 Tests that need a data package skip with the install command when it is missing; the format,
 error and batching tests run everywhere on small synthetic files. Heavy loads are cached in

@@ -735,7 +735,7 @@ def test_bf16_autocast_training_lowers_loss():
 
 
 def _fp16_recipe(device):
-    """The fp16 recipe of the README: two-phase API, scaler.scale(loss).backward() in each pass,
+    """The fp16 recipe of the user guide (docs/guide.md): two-phase API, scaler.scale(loss).backward() in each pass,
     scaler.step(opt), scaler.update(). Checks: training works under fp16 autocast; the update equals
     the unscaled APD update (float64, scale invariance); an inf in one corruption pass makes the
     scaler skip the step with w kept bit for bit and the scale reduced; unscale_ + clipping before

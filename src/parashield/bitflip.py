@@ -11,6 +11,8 @@ weights, so ``ps.corrupted(model, result)`` applies and undoes them bit for bit.
   every (weight, bit) of each layer by the first-order loss gain ``g * (q' - q) * s``, evaluates
   the loss with each layer's best candidates flipped, and keeps the single flip that raises the
   loss most; it stops at the flip budget or when the metric falls to a target.
+
+The formulas: docs/method.md, "Bit flips and int8 quantization"; usage: docs/guide.md.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ no flat copy of the model is made except where the maths needs one (L1, top-n, a
 element-scaled projection).
 Every method takes the current parameter values ``params`` because the scaled variants depend on
 them. The in-place forms (``steepest_``, ``project_``) are the core; the plain forms copy first.
+
+The formulas (budgets, steepest ascent, projections, sampling) and which projections are exact:
+docs/method.md.
 """
 
 from __future__ import annotations

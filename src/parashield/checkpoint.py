@@ -1,5 +1,8 @@
 """Checkpoints: model, optimizer, scheduler and every RNG state, written atomically and loaded
-with ``weights_only=True``, so that a resumed run continues bit for bit (on CPU)."""
+with ``weights_only=True``, so that a resumed run continues bit for bit (on CPU).
+
+Usage: docs/guide.md, "Checkpoints".
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Parameter corruptions: random, gradient (one-step) and multi-step adversarial,
 and ``corrupted``, the context manager that applies one and restores the model bit for bit.
+
+The formulas and defaults (the multi-step step size 1.5 eps / K): docs/method.md, "Corruptions".
 """
 
 from __future__ import annotations

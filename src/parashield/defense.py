@@ -13,6 +13,9 @@ to the sum and turned in place into ``a_{t+1} = project((w + a_t) + step - w)`` 
 recovered up to one rounding of w), and the parameters are set to ``w + a_{t+1}``. Every step of
 this is one ``torch._foreach_*`` call over all tensors (one fused kernel on CUDA), with no hooks,
 no host sync until the single finiteness check at the end, and no allocation besides autograd's.
+
+The risk, the presets and the training details: docs/method.md, "Adversarial parameter defense";
+recipes: docs/guide.md.
 """
 
 from __future__ import annotations
@@ -315,7 +318,7 @@ class APD(torch.optim.Optimizer):
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
         ``NonFiniteGradientError`` naming the pass, unless a ``GradScaler`` is given, in which case
         the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
-        recipe, see README).
+        recipe in the user guide, docs/guide.md).
         """
         return self._trajectory(scaler, None)
 

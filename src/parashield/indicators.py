@@ -4,6 +4,9 @@ critical eps at which a metric collapses.
 
 Curvature is reached only through Hessian-vector products (double backward); the Krylov solvers
 work on flat float64 vectors of the selected parameters.
+
+The formulas: docs/method.md, "Loss change indicators" and "Curvature"; measured costs:
+docs/guide.md.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ scaled networks compare, or the direction of a corruption (``alpha = 1`` is that
 The grid points are evaluated in chunks with one batched ``vmap`` pass each
 (``Probe.stacked_losses``),
 and the model is restored bit for bit afterwards.
+
+The formulas: docs/method.md, "Loss landscapes"; usage: docs/guide.md.
 """
 
 from __future__ import annotations

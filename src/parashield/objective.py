@@ -7,6 +7,8 @@ parameters, buffers, ``.grad``, modes and ``requires_grad`` flags exactly as fou
 exception or KeyboardInterrupt escapes (buffers are snapshot and restored when
 ``train_mode=True``, the only mode in which a forward pass changes them). Gradients are taken with ``torch.autograd.grad``, so the
 user's ``.grad`` fields are never written.
+
+Conventions (loss over several batches, eval mode): docs/method.md, "Notation".
 """
 
 from __future__ import annotations

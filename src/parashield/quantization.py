@@ -4,6 +4,8 @@ A weight tensor w is stored as codes q in [-127, 127] (int8) and a scale s, ``w 
 one scale per tensor or per output channel (dim 0). The model itself stays a float model: its
 parameters hold the dequantized values ``q * s``, so every other part of parashield (objectives,
 corruptions, defenses) works on the quantized model unchanged.
+
+The formulas: docs/method.md, "Bit flips and int8 quantization".
 """
 
 from __future__ import annotations

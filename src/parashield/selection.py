@@ -2,6 +2,8 @@
 
 Only trainable floating-point parameters are ever selected; frozen (``requires_grad=False``) and
 integer tensors are never touched, whatever the selector says.
+
+Usage: docs/guide.md, "The objective".
 """
 
 from __future__ import annotations
