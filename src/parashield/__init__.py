@@ -25,7 +25,9 @@ from .indicators import (
     layer_vulnerability,
     loss_change,
 )
+from .evaluation import AutoPGDCorruption, EpsEvaluation, RobustnessEvaluation, evaluate_robustness
 from .landscape import corruption_direction, loss_line, loss_surface, random_direction
+from .margin import dlr_loss
 from .objective import NonFiniteLossError, Objective
 from .quantization import Int8Quantization, quantize_
 from .selection import select_parameters
@@ -34,6 +36,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "APD",
+    "AutoPGDCorruption",
+    "EpsEvaluation",
+    "RobustnessEvaluation",
+    "dlr_loss",
+    "evaluate_robustness",
     "SAM",
     "NonFiniteGradientError",
     "OneStepDefense",

@@ -30,6 +30,9 @@ Tensors = list[Tensor]
 #: that must have raised the loss for the step size to be kept.
 MOMENTUM = 0.75
 SUCCESS_RATE = 0.75
+#: A run has converged when, at a checkpoint where the step is halved, the best loss rose by less
+#: than this fraction since the previous checkpoint: its remaining passes go to a new start.
+CONVERGED = 1e-3
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -38,7 +41,7 @@ def checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    return sorted({math.ceil(x * steps) for x in p[1:]} - {0})
+    return sorted({math.ceil(round(x * steps, 9)) for x in p[1:]} - {0})  # round: 0.57 * 100 is 57.000...01
 
 
 class AutoPGDCorruption:
@@ -51,11 +54,17 @@ class AutoPGDCorruption:
     the last checkpoint raised the loss, or when eta was not halved at the last checkpoint and the
     best loss has not moved since. The best iterate is kept.
 
+    A call spends ``steps * restarts`` gradient passes: runs of at most ``steps`` passes, the
+    first from ``a = 0``, the others from random points inside the budget (seeded). A run that
+    has converged (the step was halved and the best loss rose by less than a relative 1e-3 since
+    the previous checkpoint) ends early and leaves its passes to further starts: in parameter
+    space a run typically settles on a local maximum within a few steps, and more starts find
+    higher ones.
+
     Args:
         budget: the constraint set (any norm, sparsity or scale).
-        steps: gradient passes per run.
-        restarts: runs per call: the first from ``a = 0``, the others from random points inside
-            the budget (seeded).
+        steps: the most gradient passes of one run.
+        restarts: the gradient passes of a call, in units of ``steps``.
         seed: seed of the random starts.
     """
 
@@ -68,14 +77,15 @@ class AutoPGDCorruption:
     def __repr__(self) -> str:
         return f"AutoPGDCorruption(budget={self.budget}, steps={self.steps}, restarts={self.restarts}, seed={self.seed})"
 
-    def _run(self, pr: Probe, geometry: Geometry, delta: Tensors) -> tuple[BestIterate, list[float]]:
-        """One run from ``delta`` (modified in place); returns the best iterate and the loss at
-        every iterate (``steps`` gradient passes and one final loss pass)."""
-        budget, marks = self.budget, set(checkpoints(self.steps))
+    def _run(self, pr: Probe, geometry: Geometry, delta: Tensors, steps: int) -> tuple[BestIterate, list[float], int]:
+        """One run of at most ``steps`` gradient passes from ``delta`` (modified in place); returns
+        the best iterate, the loss at every iterate and the gradient passes spent (a run that
+        ends at ``steps`` adds one loss pass at its last iterate)."""
+        budget, marks = self.budget, set(checkpoints(steps))
         eta, halved_last, best_at_mark, last_mark, raised = 2.0 * budget.eps, False, -math.inf, 0, 0
         best, history, grad_best = BestIterate(), [], None
         previous: Optional[Tensors] = None
-        for k in range(self.steps):
+        for k in range(steps):
             pr.set(delta)
             loss, grads = pr.gradient(check=False)
             history.append(float(loss))
@@ -87,11 +97,13 @@ class AutoPGDCorruption:
                 else:
                     torch._foreach_copy_(grad_best, grads)
             if history[-1] == math.inf:  # the loss overflowed: nothing left to climb
-                return best, history
+                return best, history, k + 1
             if k in marks:
                 stalled = raised < SUCCESS_RATE * (k - last_mark)
                 flat = not halved_last and best.loss <= best_at_mark
                 halved_last = stalled or flat
+                if halved_last and best.loss - best_at_mark <= CONVERGED * abs(best.loss):
+                    return best, history, k + 1
                 if halved_last:
                     eta /= 2.0
                     torch._foreach_copy_(delta, best.delta)
@@ -115,22 +127,25 @@ class AutoPGDCorruption:
         pr.set(delta)
         history.append(overflow_to_inf(pr.loss()))
         best.offer(delta, history[-1])
-        return best, history
+        return best, history, steps
 
     def runs(self, objective: Objective) -> Iterator[CorruptionResult]:
-        """One result per restart, each with the best iterate of its run and its loss. Between
+        """One result per run, each with the best iterate of its run and its loss. Between
         results the parameters are at w (the caller may evaluate the model there)."""
         gen = torch.Generator().manual_seed(self.seed)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             geometry = Geometry(pr.clean)
-            for restart in range(self.restarts):
-                start = [torch.zeros_like(p) for p in pr.clean] if restart == 0 else random_interior(
+            left, first = self.steps * self.restarts, True
+            while left > 0:
+                start = [torch.zeros_like(p) for p in pr.clean] if first else random_interior(
                     self.budget, pr.clean, gen)
-                best, history = self._run(pr, geometry, start)
+                best, history, spent = self._run(pr, geometry, start, min(self.steps, left))
                 pr.set(None)
+                left -= spent
                 yield CorruptionResult(_as_dict(objective, best.delta), before, best.loss, self.budget, "apgd",
-                                       history, passes=len(history) + (restart == 0))
+                                       history, passes=len(history) + first)
+                first = False
 
     def __call__(self, objective: Objective) -> CorruptionResult:
         results = list(self.runs(objective))
