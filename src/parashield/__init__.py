@@ -16,6 +16,14 @@ from .corruption import (
     corrupted,
     make_corruption,
 )
+from .curvature import (
+    Eigenpairs,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_trace_estimate,
+)
 from .defense import APD, SAM, NonFiniteGradientError, OneStepDefense, RandomWeightPerturbation
 from .indicators import (
     LayerVulnerability,
@@ -37,6 +45,12 @@ __version__ = "0.1.0"
 __all__ = [
     "APD",
     "AutoPGDCorruption",
+    "Eigenpairs",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hessian_density",
+    "hessian_eigenpairs",
+    "hessian_trace_estimate",
     "EpsEvaluation",
     "RobustnessEvaluation",
     "dlr_loss",
