@@ -38,12 +38,17 @@ from .landscape import corruption_direction, loss_line, loss_surface, random_dir
 from .margin import dlr_loss
 from .objective import NonFiniteLossError, Objective
 from .quantization import Int8Quantization, quantize_
+from .sam_family import ASAM, GSAM, IntervalSAM, weight_tensors
 from .selection import select_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APD",
+    "ASAM",
+    "GSAM",
+    "IntervalSAM",
+    "weight_tensors",
     "AutoPGDCorruption",
     "Eigenpairs",
     "SpectralDensity",
