@@ -244,7 +244,7 @@ def _heldout(objective: Objective, heldout: Any) -> Optional[Objective]:
 def evaluate_robustness(
     objective: Objective,
     budget: Budget,
-    eps: Optional[Sequence[float]] = None,
+    eps: Union[float, Sequence[float], None] = None,
     *,
     classification: bool = False,
     margin_fn: Optional[LossFn] = None,
@@ -265,7 +265,7 @@ def evaluate_robustness(
     Args:
         objective: the model, loss and the attack data the corruption is searched on.
         budget: the constraint set; its eps is used unless ``eps`` is given.
-        eps: radii to evaluate (each a separate search).
+        eps: a radius or radii to evaluate (each a separate search); default the budget's.
         classification: add the DLR margin member (:func:`parashield.margin.dlr_loss`) on batches
             ``(x, y)`` with ``model(x)`` the logits; for other batches pass
             ``margin_fn=dlr_loss(logits_fn)``.
@@ -290,7 +290,11 @@ def evaluate_robustness(
         raise TypeError(f"margin_fn must be callable as margin_fn(model, batch), got {type(margin_fn).__name__}")
     if metric is not None and not callable(metric):
         raise TypeError(f"metric must be callable as metric(model), got {type(metric).__name__}")
-    radii = [budget.eps] if eps is None else [float(budget.with_eps(e).eps) for e in eps]
+    if eps is None:
+        eps = [budget.eps]
+    elif isinstance(eps, (int, float)) and not isinstance(eps, bool):
+        eps = [eps]
+    radii = [budget.with_eps(e).eps for e in eps]
     if not radii:
         raise ValueError("eps must hold at least one radius")
     check_count("steps", steps)

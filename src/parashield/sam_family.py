@@ -105,7 +105,7 @@ class ASAM(SAM):
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.5, eta: float = 0.01,
                  scaled: Optional[Iterable[Tensor]] = None, **kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho=rho, adaptive=True, eta=eta, **kwargs)
-        self._scaled_ids = None if scaled is None else _corrupt_ids(scaled, self.param_groups)
+        self._scaled_ids = None if scaled is None else _corrupt_ids(scaled, self.param_groups, "scaled")
 
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = super()._workspace_for(params)
