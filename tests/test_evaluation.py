@@ -45,7 +45,7 @@ def test_l2_ball_reaches_the_trust_region_maximum(seed, concave):
     obj, g, H = _quadratic(seed, 5, concave)
     eps = 0.8
     _, exact = _trust_region_max(H, g, eps)
-    found = ps.AutoPGDCorruption(ps.Budget("l2", eps), steps=50)(obj)
+    found = ps.AutoPGDCorruption(ps.Budget("l2", eps), steps=50, restarts=1)(obj)
     assert found.loss_change == pytest.approx(exact, rel=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_scaled_budgets_reach_the_exact_maximum():
     obj, g, H = _quadratic(4, 3, w0=w0)
     eps = 0.3
     _, exact = _trust_region_max(H, g, eps * float(w0.norm()))
-    found = ps.AutoPGDCorruption(ps.Budget("l2", eps, scale="layer"), steps=50)(obj)
+    found = ps.AutoPGDCorruption(ps.Budget("l2", eps, scale="layer"), steps=50, restarts=1)(obj)
     assert found.loss_change == pytest.approx(exact, rel=1e-5)
     # element scale, L-inf: the box |a_i| <= eps (|w0_i| + eta); brute force over its vertices
     budget = ps.Budget("linf", eps, scale="element", eta=0.1)
@@ -94,6 +94,17 @@ def test_scaled_budgets_reach_the_exact_maximum():
     exact = max(_value(g, H, bound * torch.tensor(s, dtype=torch.float64)) for s in itertools.product([-1, 1], repeat=3))
     found = ps.AutoPGDCorruption(budget, steps=25, restarts=8)(obj)
     assert found.loss_change == pytest.approx(exact, rel=1e-9)
+
+
+def test_converged_runs_leave_their_passes_to_new_starts():
+    # On a convex quadratic over a box every run ends at a vertex within a few steps.
+    obj, _, _ = _quadratic(0, 3)
+    attack = ps.AutoPGDCorruption(ps.Budget("linf", 0.7), steps=25, restarts=4)
+    runs = list(attack.runs(obj))
+    assert len(runs) > 4
+    # the budget of 100 gradient passes is spent; a run that reaches its step cap adds one loss pass
+    assert 100 <= sum(len(r.history) for r in runs) <= 100 + len(runs)
+    assert attack(obj).passes == sum(r.passes for r in runs) == 1 + sum(len(r.history) for r in runs)
 
 
 BUDGETS = [

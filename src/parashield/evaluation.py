@@ -68,7 +68,7 @@ class AutoPGDCorruption:
         seed: seed of the random starts.
     """
 
-    def __init__(self, budget: Budget, steps: int = 50, restarts: int = 1, seed: int = 0) -> None:
+    def __init__(self, budget: Budget, steps: int = 25, restarts: int = 4, seed: int = 0) -> None:
         self.budget = check_budget(budget)
         self.steps = check_count("steps", steps)
         self.restarts = check_count("restarts", restarts)
@@ -142,7 +142,7 @@ class AutoPGDCorruption:
                     self.budget, pr.clean, gen)
                 best, history, spent = self._run(pr, geometry, start, min(self.steps, left))
                 pr.set(None)
-                left -= spent
+                left = 0 if best.loss == math.inf else left - spent  # nothing beats an overflow
                 yield CorruptionResult(_as_dict(objective, best.delta), before, best.loss, self.budget, "apgd",
                                        history, passes=len(history) + first)
                 first = False
