@@ -19,7 +19,7 @@ from parashield.cli import build_parser, main
 from parashield.reproduce.datasets import INSTALL_COMMANDS, MissingDataError
 from parashield.reproduce import METHODS, TASKS, run
 
-SUBCOMMANDS = ("reproduce", "attack", "indicators", "landscape")
+SUBCOMMANDS = ("reproduce", "attack", "evaluate", "indicators", "landscape")
 
 
 def _digits(**kw):
@@ -174,6 +174,33 @@ def test_attack_prints_a_table_and_writes_json(corruption, extra, digits_checkpo
     # a gradient corruption of the attack data hurts the test loss
     if corruption != "random":
         assert rows[2]["loss"] > rows[0]["loss"]
+
+
+def test_evaluate_prints_the_worst_case_per_eps_and_writes_json(digits_checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "evaluate.json"
+    rc = main(["evaluate", "--task", "digits", "--checkpoint", str(digits_checkpoint), "--eps", "0.05", "0.2",
+               "--classification", "--steps", "3", "--restarts", "1", "--json", str(out_json)])
+    assert rc == 0
+    lines = [line.split() for line in capsys.readouterr().out.strip().splitlines()]
+    header = next(i for i, line in enumerate(lines) if line[:1] == ["eps"])
+    table = lines[header + 1:]
+    assert [float(r[0]) for r in table] == [0.0, 0.05, 0.2]
+    assert all(r[-1] in ("apgd-loss", "apgd-dlr") for r in table[1:])
+    out = json.loads(out_json.read_text())
+    assert out["members"] == ["apgd-loss", "apgd-dlr"] and out["metric"] == "accuracy"
+    rows = out["results"]
+    assert [r["eps"] for r in rows] == [0.05, 0.2]
+    assert all(r["loss_after"] > r["loss_before"] for r in rows)
+    for printed, row in zip(table[1:], rows):
+        assert float(printed[1]) == pytest.approx(row["loss_after"], abs=1e-4)
+        assert float(printed[3]) == pytest.approx(row["metric_after"], abs=1e-4)
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--restarts"])
+def test_evaluate_refuses_a_non_positive_count(flag, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["evaluate", "--task", "digits", "--checkpoint", "x.pt", flag, "0"])
+    assert excinfo.value.code == 2 and "expected an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_attack_without_json_writes_no_file(digits_checkpoint, tmp_path, capsys, monkeypatch):

@@ -16,6 +16,14 @@ from .corruption import (
     corrupted,
     make_corruption,
 )
+from .curvature import (
+    Eigenpairs,
+    SpectralDensity,
+    TraceEstimate,
+    hessian_density,
+    hessian_eigenpairs,
+    hessian_trace_estimate,
+)
 from .defense import APD, SAM, NonFiniteGradientError, OneStepDefense, RandomWeightPerturbation
 from .indicators import (
     LayerVulnerability,
@@ -25,15 +33,33 @@ from .indicators import (
     layer_vulnerability,
     loss_change,
 )
+from .evaluation import AutoPGDCorruption, EpsEvaluation, RobustnessEvaluation, evaluate_robustness
 from .landscape import corruption_direction, loss_line, loss_surface, random_direction
+from .margin import dlr_loss
 from .objective import NonFiniteLossError, Objective
 from .quantization import Int8Quantization, quantize_
+from .sam_family import ASAM, GSAM, IntervalSAM, weight_tensors
 from .selection import select_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APD",
+    "ASAM",
+    "GSAM",
+    "IntervalSAM",
+    "weight_tensors",
+    "AutoPGDCorruption",
+    "Eigenpairs",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hessian_density",
+    "hessian_eigenpairs",
+    "hessian_trace_estimate",
+    "EpsEvaluation",
+    "RobustnessEvaluation",
+    "dlr_loss",
+    "evaluate_robustness",
     "SAM",
     "NonFiniteGradientError",
     "OneStepDefense",

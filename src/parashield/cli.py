@@ -1,4 +1,4 @@
-"""Command line: ``parashield reproduce | attack | indicators | landscape``."""
+"""Command line: ``parashield reproduce | attack | evaluate | indicators | landscape``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,36 @@ def cmd_attack(args: argparse.Namespace) -> int:
         print(f"{r['eps']:>8g} {r['loss']:>10.4f} {r[task.metric_name]:>10.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import evaluate_robustness
+
+    task, model, attack = _objective_from_checkpoint(args)
+    ev = evaluate_robustness(
+        attack, _budget(args, args.eps[0]), eps=args.eps, classification=args.classification,
+        heldout=task.test_data, metric=lambda m: task.metric(m, task.test_data),
+        steps=args.steps, restarts=args.restarts, seed=args.seed,
+    )
+    print(f"{'eps':>8} {'attack loss':>12} {'test loss':>10} {task.metric_name:>10}  found by")
+    first = ev.results[0]
+    print(f"{0:>8g} {first.loss_before:>12.4f} {first.heldout_before:>10.4f} {first.metric_before:>10.4f}")
+    for r in ev.results:
+        print(f"{r.eps:>8g} {r.loss_after:>12.4f} {r.heldout_after:>10.4f} {r.metric_after:>10.4f}  {r.member}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**ev.as_dict(), "metric": task.metric_name}, indent=1))
     return 0
 
 
@@ -236,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=int, default=10, help="multi-step corruption steps")
     a.add_argument("--trials", type=int, default=10, help="random corruption trials")
     a.set_defaults(func=cmd_attack)
+
+    e = sub.add_parser("evaluate", help="worst-case corruption of a saved model by the step-size-free attack ensemble")
+    common(e)
+    e.add_argument("--classification", action="store_true",
+                   help="add the DLR margin member (batches (x, y), model(x) the logits)")
+    e.add_argument("--steps", type=_positive_int, default=25, help="most gradient passes of one run (default 25)")
+    e.add_argument("--restarts", type=_positive_int, default=4,
+                   help="gradient passes per member in units of --steps (default 4)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    e.set_defaults(func=cmd_evaluate)
 
     i = sub.add_parser("indicators", help="loss change indicators and per-layer vulnerability of a saved model")
     common(i)

@@ -90,6 +90,34 @@ def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]
     return {n: a.detach().clone() for n, a in zip(objective.names, delta)}
 
 
+def random_interior(budget: Budget, params: Sequence[Tensor], gen: torch.Generator) -> Tensors:
+    """A random point inside the budget: a boundary sample shrunk by a uniform factor (the random
+    start of the multi-step attacks)."""
+    delta = budget.sample(params, gen)
+    torch._foreach_mul_(delta, float(torch.rand((), generator=gen)))
+    return delta
+
+
+class BestIterate:
+    """The highest-loss iterate seen so far, kept in one buffer: the first offer clones, later
+    improvements are one fused copy each (no allocation per improvement)."""
+
+    def __init__(self) -> None:
+        self.delta: Optional[Tensors] = None
+        self.loss = -math.inf
+
+    def offer(self, delta: Sequence[Tensor], loss: float) -> bool:
+        """Keep ``delta`` if its loss is higher than the best so far; says whether it was kept."""
+        if not loss > self.loss:
+            return False
+        if self.delta is None:
+            self.delta = [a.detach().clone() for a in delta]
+        else:
+            torch._foreach_copy_(self.delta, list(delta))
+        self.loss = loss
+        return True
+
+
 class RandomCorruption:
     """``trials`` random corruptions on the boundary of the budget (seeded).
 
@@ -218,10 +246,7 @@ class MultiStepCorruption:
     def _start(self, pr: Probe, restart: int, gen: torch.Generator) -> Tensors:
         if restart == 0 and not self.random_start:
             return [torch.zeros_like(p) for p in pr.clean]
-        # A boundary sample shrunk by a uniform factor: a random point inside the budget.
-        delta = self.budget.sample(pr.clean, gen)
-        torch._foreach_mul_(delta, float(torch.rand((), generator=gen)))
-        return delta
+        return random_interior(self.budget, pr.clean, gen)
 
     def _step_data(self, objective: Objective) -> Iterator:
         if self.per_step == "full":
@@ -240,7 +265,7 @@ class MultiStepCorruption:
         exact = self.per_step == "full"
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
-            best, best_loss, history = None, -math.inf, []
+            best, history = BestIterate(), []
             passes = 1
             data = self._step_data(objective)
             geometry = Geometry(pr.clean)  # w is fixed during the attack: scales computed once
@@ -251,12 +276,8 @@ class MultiStepCorruption:
                     loss, grads = pr.gradient(next(data), check=False)
                     passes += 1
                     history.append(float(loss))
-                    if exact and self.keep_best and history[-1] > best_loss:
-                        if best is None:
-                            best = [a.clone() for a in delta]
-                        else:  # one fused copy into the buffer, no allocation per improvement
-                            torch._foreach_copy_(best, delta)
-                        best_loss = history[-1]
+                    if exact and self.keep_best:
+                        best.offer(delta, history[-1])
                     if history[-1] == math.inf:  # the loss overflowed: no ascent direction left
                         break
                     step = self.budget.steepest_(grads, geometry, radius=self.step_size)
@@ -266,10 +287,9 @@ class MultiStepCorruption:
                 final = overflow_to_inf(pr.loss())
                 passes += 1
                 history.append(final)
-                if final > best_loss:  # without keep_best, only final iterates compete
-                    best, best_loss = delta, final
+                best.offer(delta, final)  # without keep_best, only final iterates compete
         return CorruptionResult(
-            _as_dict(objective, best), before, best_loss, self.budget, "multi_step", history, passes=passes
+            _as_dict(objective, best.delta), before, best.loss, self.budget, "multi_step", history, passes=passes
         )
 
 

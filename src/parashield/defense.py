@@ -120,16 +120,17 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _corrupt_ids(corrupt: object, groups: list) -> set:
-    """Validate ``corrupt=``: a non-empty iterable of parameters this optimizer holds."""
+def _corrupt_ids(corrupt: object, groups: list, name: str = "corrupt") -> set:
+    """Validate ``corrupt=`` (or the argument ``name``): a non-empty iterable of parameters this
+    optimizer holds."""
     if isinstance(corrupt, (str, bytes, nn.Module, Tensor)):
-        raise TypeError(f"corrupt must be None or an iterable of the optimizer's parameters, got {type(corrupt).__name__}")
+        raise TypeError(f"{name} must be None or an iterable of the optimizer's parameters, got {type(corrupt).__name__}")
     items = list(corrupt)
     if not items or not all(isinstance(p, Tensor) for p in items):
-        raise ValueError("corrupt must be None or a non-empty iterable of the optimizer's parameters")
+        raise ValueError(f"{name} must be None or a non-empty iterable of the optimizer's parameters")
     held = {id(p) for group in groups for p in group["params"]}
     if any(id(p) not in held for p in items):
-        raise ValueError("corrupt names parameters that this optimizer does not hold")
+        raise ValueError(f"{name} names parameters that this optimizer does not hold")
     return {id(p) for p in items}
 
 

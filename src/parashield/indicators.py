@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_budget, check_count
+from ._krylov import lanczos as _lanczos
 from .budget import Budget, _flat, _unflat_
 from .corruption import (
     GradientCorruption,
@@ -82,50 +83,6 @@ class _FlatHessian:
         parts = [t.view_as(p) for t, p in zip(x.split(self.sizes), self.params)]
         hv = _flat(self.probe.hvp(parts)).double()
         return hv if self.scale is None else hv * self.scale
-
-
-def _lanczos(
-    op: Callable[[Tensor], Tensor], start: Tensor, iters: int, generator: Optional[torch.Generator] = None
-) -> tuple[Tensor, Tensor]:
-    """Lanczos with full reorthogonalisation. Returns the tridiagonal T (m x m) and the basis Q
-    (m x k). On an invariant subspace it stops early (exact for the start's components) or, when
-    a ``generator`` is given, goes on from a random vector orthogonal to the basis with a zero
-    coupling (T block diagonal), so that ``iters >= k`` always spans the whole space: the
-    trust-region "hard case" needs eigenvectors the start is orthogonal to."""
-    k = start.numel()
-    m_max = min(iters, k)
-    q = start / torch.linalg.vector_norm(start)
-    basis, alphas, betas = [q], [], []
-    for j in range(m_max):
-        w = op(basis[j])
-        alpha = torch.dot(w, basis[j])
-        alphas.append(alpha)
-        Q = torch.stack(basis)
-        w = w - Q.T @ (Q @ w)
-        w = w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
-        beta = torch.linalg.vector_norm(w)
-        if j == m_max - 1:
-            break
-        if beta <= 1e-10 * max(1.0, abs(float(alpha))):
-            if generator is None:
-                break
-            w = torch.randn(k, generator=generator, dtype=torch.float64).to(device=start.device, dtype=start.dtype)
-            w = w - Q.T @ (Q @ w)
-            w = w - Q.T @ (Q @ w)
-            nw = torch.linalg.vector_norm(w)
-            if float(nw) <= 1e-8:
-                break
-            betas.append(torch.zeros_like(beta))
-            basis.append(w / nw)
-            continue
-        betas.append(beta)
-        basis.append(w / beta)
-    m = len(alphas)
-    T = torch.diag(torch.stack(alphas))
-    if m > 1:
-        off = torch.stack(betas[: m - 1])
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    return T, torch.stack(basis[:m])
 
 
 def _trust_region_max(T: Tensor, b: Tensor, r: float) -> tuple[Tensor, float]:
