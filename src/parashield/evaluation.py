@@ -274,10 +274,12 @@ def evaluate_robustness(
             corruption is reported; never used to choose it.
         metric: ``metric(model) -> float`` (e.g. held-out accuracy) measured in eval mode at w and
             at the worst corruption.
-        steps, restarts, seed: per member, as :class:`AutoPGDCorruption`. The default, 4 runs
-            of 25 steps per member, spends fewer passes than 50-step ascent with 5 restarts; in
-            parameter space short runs converge to a local maximum quickly, and more starts find
-            higher ones (see docs/evaluation.md).
+        steps: ascent steps per run of each member, as :class:`AutoPGDCorruption`.
+        restarts: runs per member. The default, 4 runs of 25 steps per member, spends fewer
+            passes than 50-step ascent with 5 restarts; in parameter space short runs converge to
+            a local maximum quickly, and more starts find higher ones (see the evaluation page of
+            the docs).
+        seed: seed of the random starts.
     """
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}")

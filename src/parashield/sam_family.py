@@ -34,7 +34,9 @@ class GSAM(SAM):
     the learning rate) is not built in: rho is fixed.
 
     Args:
-        rho, adaptive, eta: as for :class:`parashield.SAM`.
+        rho: radius of the ascent step, as for :class:`parashield.SAM`.
+        adaptive: element-relative (ASAM) radius, as for :class:`parashield.SAM`.
+        eta: offset of the element scale, as for :class:`parashield.SAM`.
         alpha: weight of the orthogonal component (the paper's alpha, >= 0).
     """
 
