@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parashield.reproduce import TASKS, run, write_report
+from parashield.reproduce import TASKS, run, run_task, write_report
 from parashield.reproduce import cache, findings
 from parashield.reproduce.datasets import MissingDataError
 from parashield.reproduce.references import KneserNeyBigram, kneser_ney_bigram
@@ -318,19 +318,17 @@ def test_killed_runs_finish_equal_to_an_uninterrupted_run(tmp_path):
 def test_tiny_end_to_end_with_report(name, tmp_path):
     task = _task(name).shrink(batches=2, examples=8)
     methods = ("plain", "plain_matched", "one_step", "sam", "sam_layer", f"apd{task.k_grid[0]}")
-    res = run(task, methods, 3, tmp_path)
+    res = run_task(task, methods, 3, tmp_path)
     assert set(res["references"]) and {r["method"] for r in res["runs"]} == set(methods)
-    if task.bitflips:
-        from parashield.reproduce.faults import run_bitflips
-
-        res["bitflips"] = run_bitflips(task, res, tmp_path)
-        res["bitflip_config"] = task.bitflips
+    assert {r["method"] for r in res["budget_ablation"]} == set(methods)  # the controls and the headline APD
+    assert bool(res.get("bitflips")) == bool(task.bitflips)
     report = write_report({"tasks": {name: res}}, tmp_path)
     text = report.read_text()
     assert f"## Task `{name}`" in text and "selected_on" not in text and "References" in text
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in findings.ATTACKS
     assert (tmp_path / f"{name}_drop_vs_eps.png").is_file()
+    assert data["tasks"][name]["budget_comparisons"][0]["rows"][0]["budget"] == "linf layer"
 
 
 def test_report_without_matplotlib_links_no_images(tiny, tmp_path, monkeypatch):

@@ -31,8 +31,7 @@ def _load_task(name: str, quick: bool = False):
 def cmd_reproduce(args: argparse.Namespace) -> int:
     import torch
 
-    from .reproduce import METHODS, QUICK_METHODS, run, write_report
-    from .reproduce.faults import run_bitflips
+    from .reproduce import METHODS, QUICK_METHODS, run_task, write_report
 
     if args.threads is not None:
         if args.threads < 1:
@@ -57,11 +56,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         methods = chosen or task.methods
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
-        results["tasks"][name] = run(task, methods, seeds, out)
-        results["tasks"][name]["seeds"] = seeds  # what this task used (the top-level one is --seeds)
-        if task.bitflips:
-            results["tasks"][name]["bitflips"] = run_bitflips(task, results["tasks"][name], out)
-            results["tasks"][name]["bitflip_config"] = task.bitflips
+        results["tasks"][name] = run_task(task, methods, seeds, out)
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
     report = write_report(results, out)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import torch
 from torch import Tensor, nn
 
 LogitsFn = Callable[[nn.Module, Any], "tuple[Tensor, Tensor]"]

@@ -1,8 +1,27 @@
 """The paper reproduction: tasks (datasets, models, references), the protocol runner with its
-cache, the statistics and findings, and the report writer."""
+cache, the bit-flip and budget experiments, the statistics and findings, and the report writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 from .runner import METHODS, QUICK_METHODS, run
 from .tasks import TASKS, Task
+
+
+def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
+    """The protocol (:func:`run`), then the bit-flip experiments (tasks that define them) and the
+    budget ablation on its final models; everything cached under ``out``."""
+    from .ablation import run_budget_ablation
+    from .faults import run_bitflips
+
+    result = run(task, methods, seeds, out)
+    if task.bitflips:
+        result["bitflips"] = run_bitflips(task, result, out)
+        result["bitflip_config"] = task.bitflips
+    result["budget_ablation"] = run_budget_ablation(task, result, out)
+    return result
 
 
 def write_report(results: dict, out):  # the report imports plotting lazily; keep the import light
@@ -11,4 +30,4 @@ def write_report(results: dict, out):  # the report imports plotting lazily; kee
     return _write(results, out)
 
 
-__all__ = ["METHODS", "QUICK_METHODS", "TASKS", "Task", "run", "write_report"]
+__all__ = ["METHODS", "QUICK_METHODS", "TASKS", "Task", "run", "run_task", "write_report"]

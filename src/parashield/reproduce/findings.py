@@ -248,3 +248,24 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
                     "never_halved": {head: sum(r["search"]["flips_to_halve"] is None for r in a),
                                      c: sum(r["search"]["flips_to_halve"] is None for r in b)}})
     return out
+
+
+def budget_comparisons(tr: dict) -> list[dict]:
+    """The headline APD against each control under the ablation budgets, on drops from each
+    model's own clean metric, paired over seeds, per budget and eps."""
+    by: dict = {}
+    for r in tr.get("budget_ablation") or []:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    head, sign, out = tr["headline"], _sign(tr), []
+    for c in CONTROLS:
+        if c not in by or head not in by:
+            continue
+        seeds = sorted(set(by[c]) & set(by[head]))
+        a, b = [by[head][s] for s in seeds], [by[c][s] for s in seeds]
+        rows = []
+        for i, row in enumerate(a[0]["rows"]):
+            d = lambda r: sign * (r["clean_subset_metric"] - r["rows"][i]["metric"])  # noqa: E731
+            rows.append({"budget": row["budget"], "eps": row["eps"],
+                         "drop": paired([d(r) for r in b], [d(r) for r in a]).as_dict()})
+        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows})
+    return out

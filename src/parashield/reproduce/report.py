@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from .cache import write_json
-from .findings import ATTACKS, bitflip_comparisons, decide, evals
+from .findings import ATTACKS, bitflip_comparisons, budget_comparisons, decide, evals
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -118,6 +118,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
                          + "; ".join(f"{r['eps']}: {_fmt(r['drop']['mean'])} ({r['drop']['call']})" for r in c["rows"]) + " |")
         lines.append("")
     lines += _layers_markdown(tr)
+    if tr.get("budget_comparisons"):
+        lines += _budget_markdown(tr)
     if tr.get("bitflips"):
         lines += _bitflip_markdown(tr)
     if images:
@@ -162,6 +164,18 @@ def _layers_markdown(tr: dict) -> list[str]:
     for i, row in enumerate(first["layers"]):
         lines.append(f"| {row['name']} | {row['numel']} | "
                      + " | ".join(_ms([e["layers"][i]["metric"] for e in evals(tr, m)]) for m in methods) + " |")
+    return lines + [""]
+
+
+def _budget_markdown(tr: dict) -> list[str]:
+    metric = tr["config"]["metric_name"]
+    lines = [f"#### Other budget shapes (10-step corruption; drop of test {metric}, control's drop - APD's drop)", "",
+             "L-inf layer: ||a_l||_inf <= eps ||w_l||_inf per tensor. L2 sparse 1%: ||a||_2 <= eps ||w||_2 with at most 1% of "
+             "the parameters changed. Every model was trained with the layer-relative L2 budget.", "",
+             "| control | budget | eps | drop (control - APD) |", "|---|---|---|---|"]
+    for c in tr["budget_comparisons"]:
+        for r in c["rows"]:
+            lines.append(f"| {_label(c['b'])} | {r['budget']} | {r['eps']} | {_pair(r['drop'])} |")
     return lines + [""]
 
 
@@ -302,6 +316,8 @@ def write_report(results: dict, out: Path) -> Path:
         tr["decision"] = decide(tr)
         if tr.get("bitflips"):
             tr["bitflip_comparisons"] = bitflip_comparisons(tr)
+        if tr.get("budget_ablation"):
+            tr["budget_comparisons"] = budget_comparisons(tr)
         images = _plots(name, tr, out)
         plotted &= images
         body += task_markdown(name, tr, images)
