@@ -8,6 +8,7 @@ bad input ends as ``parashield: error: ...`` with exit status 2, Ctrl-C with sta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -180,6 +181,7 @@ class _Table:
 # ------------------------------------------------------------------------------ attack
 def cmd_attack(args: argparse.Namespace) -> int:
     from . import corrupted, make_corruption
+    from .objective import overflow_to_inf
 
     setup = _setup(args, ("train", "test"))
     attack, test = setup.objective("train"), setup.objective("test")
@@ -200,21 +202,22 @@ def cmd_attack(args: argparse.Namespace) -> int:
         table.row(row)
         _write_json(args.json, doc)
 
-    def measure() -> dict:
-        return {"loss": _or_inf(lambda: _test_loss(test)),
-                **({metric: float(setup.metric(setup.model, setup.test_data))} if metric else {})}
+    def scored() -> dict:
+        """The metric at the model's current weights (none without a known metric)."""
+        return {metric: float(setup.metric(setup.model, setup.test_data))} if metric else {}
 
-    record({"eps": 0.0, **measure(), "train_loss_change": 0.0})
+    record({"eps": 0.0, "loss": clean_test, **scored(), "train_loss_change": 0.0})
     for eps in args.eps:
         result = make_corruption(args.corruption, _budget(args, eps), **options)(attack)
         with corrupted(setup.model, result):
-            record({"eps": eps, **measure(), "train_loss_change": _or_inf(lambda: result.loss_change)})
+            record({"eps": eps, "loss": _or_inf(functools.partial(_current_loss, test)), **scored(),
+                    "train_loss_change": overflow_to_inf(result.loss_change)})
     doc["complete"] = True
     _write_json(args.json, doc)
     return 0
 
 
-def _test_loss(objective) -> float:
+def _current_loss(objective) -> float:
     """L at the model's current (corrupted) weights, without the finiteness check."""
     with objective.probe() as probe:
         return float(probe.loss())
@@ -222,7 +225,12 @@ def _test_loss(objective) -> float:
 
 # ------------------------------------------------------------------------------ indicators
 def cmd_indicators(args: argparse.Namespace) -> int:
-    from . import hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
+    from . import (
+        hessian_top_eigenvalue,
+        hessian_trace,
+        layer_vulnerability,
+        loss_change,
+    )
 
     setup = _setup(args, ("train",))
     attack = setup.objective("train")
@@ -235,7 +243,7 @@ def cmd_indicators(args: argparse.Namespace) -> int:
     table = _Table([("eps", "eps")] + [(m, m) for m in args.methods])
     for eps in args.eps:
         budget = _budget(args, eps)
-        row = {"eps": eps, **{m: _or_inf(lambda m=m: loss_change(attack, budget, m)) for m in args.methods}}
+        row = {"eps": eps, **{m: _or_inf(functools.partial(loss_change, attack, budget, m)) for m in args.methods}}
         doc["indicators"].append(row)
         table.row(row)
         _write_json(args.json, doc)
@@ -273,7 +281,12 @@ def _landscape_alphas(span: float, points: int) -> list[float]:
 def _landscape(args: argparse.Namespace, setup: Setup) -> dict:
     """The losses on lines along each corruption kind and, unless ``--surface none``, on a plane."""
     from . import Budget
-    from .landscape import corruption_direction, loss_line, loss_surface, random_direction
+    from .landscape import (
+        corruption_direction,
+        loss_line,
+        loss_surface,
+        random_direction,
+    )
 
     attack = setup.objective("train")
     budget = Budget("l2", args.eps, scale="layer")
@@ -397,8 +410,8 @@ def _add_budget(q: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .indicators import METHODS as INDICATORS
     from .corruption import CORRUPTION_KINDS
+    from .indicators import METHODS as INDICATORS
 
     p = _Parser(prog="parashield", formatter_class=_HelpFormatter,
                 description="Parameter corruption, loss change indicators and adversarial parameter defense.")
