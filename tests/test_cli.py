@@ -260,6 +260,21 @@ def test_the_table_tries_a_bad_value_of_every_option():
                 assert action.option_strings[0] in refused, f"no bad value of {name} {action.option_strings[0]}"
 
 
+@pytest.mark.parametrize("option", ["--json", "--out"])
+def test_an_unwritable_folder_is_refused_while_parsing(option, user, capsys, monkeypatch):
+    """Found by writing a temporary file there (a permission check alone says yes to root)."""
+    from parashield import _cli_types
+
+    def refused(dir):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_cli_types.tempfile, "TemporaryFile", refused)
+    command = ["attack"] if option == "--json" else ["landscape"]
+    line = fails(command + _user_args(user) + [option, str(user / "new" / "x.json")], capsys)
+    assert f"argument {option}: cannot write under" in line and f"Permission denied in '{user}'" in line
+    assert not (user / "calls.log").exists()
+
+
 def test_argument_types():
     assert int_in(1)("7") == 7 and int_in(3, 5)("5") == 5
     assert finite_positive_float("1e20") == 1e20
@@ -388,6 +403,15 @@ def test_help_documents_every_option_and_its_default(command, capsys):
             assert f"{' '.join(action.help.split())} (default: {default})" in text, action.option_strings
     if command != "reproduce":
         assert "(default: cpu)" in text and re.search(r"--threads THREADS .*\(default: \d+\)", text)
+
+
+def test_docs_page_names_every_option():
+    page = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    for name, parser in _subparsers().items():
+        assert f"## `parashield {name}`" in page
+        for action in parser._actions:
+            for opt in action.option_strings:
+                assert opt in ("-h", "--help") or f"`{opt}" in page, f"docs/cli.md does not name {name} {opt}"
 
 
 def test_default_threads(monkeypatch):

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -112,8 +113,11 @@ def _writable_folder(folder: Path, text: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise argparse.ArgumentTypeError(f"cannot write under {text!r}: {str(probe)!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write under {text!r}: no write permission in {str(probe)!r}")
+    try:  # os.access says yes to root everywhere, also on a read-only file system
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write under {text!r}: {exc.strerror or exc} in {str(probe)!r}") from None
 
 
 def output_folder(text: str) -> Path:

@@ -505,6 +505,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except CommandError as exc:
         print(f"parashield: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as exc:  # a file that cannot be read or written after all (disk full, removed folder)
+        print(f"parashield: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("parashield: error: interrupted (Ctrl-C); files written so far are complete", file=sys.stderr)
         raise SystemExit(130) from None
