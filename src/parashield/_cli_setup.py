@@ -79,14 +79,20 @@ def _examples(data: Any) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------ built-in tasks
-def task_setup(name: str, checkpoint: Path, device: str) -> Setup:
-    """A built-in task's model (weights from ``checkpoint``), loss, metric and data."""
+def load_task(name: str, quick: bool = False) -> Any:
+    """The built-in task ``name`` (a ``reproduce.Task``); missing data is a CommandError that
+    names the install command."""
     from .reproduce import TASKS
 
     try:
-        task = TASKS[name]()
+        return TASKS[name](quick=quick)
     except FileNotFoundError as exc:  # MissingDataError names the install command
         raise CommandError(f"data for task {name!r} is missing: {exc}") from None
+
+
+def task_setup(name: str, checkpoint: Path, device: str) -> Setup:
+    """A built-in task's model (weights from ``checkpoint``), loss, metric and data."""
+    task = load_task(name)
     model = task.build_model()
     load_weights(checkpoint, model, f"task {name!r}")
     model.to(device).eval()

@@ -15,9 +15,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from ._cli_setup import CommandError, Setup, task_setup, user_setup
+from ._cli_setup import CommandError, Setup, load_task, task_setup, user_setup
 from ._cli_types import (
     csv_of,
     default_threads,
@@ -30,6 +30,9 @@ from ._cli_types import (
     output_folder,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from .objective import Objective
 
 #: Largest line (``--points``) and plane side (``--surface-points``) of ``landscape``: each
 #: point is a loss over the whole train split, and larger grids could only exhaust the memory
@@ -52,15 +55,6 @@ def _reproduce_methods() -> tuple[str, ...]:
     return tuple(METHODS)
 
 
-def _load_task(name: str, quick: bool = False):
-    from .reproduce import TASKS
-
-    try:
-        return TASKS[name](quick=quick)
-    except FileNotFoundError as exc:  # MissingDataError names the install command
-        raise CommandError(f"data for task {name!r} is missing: {exc}") from None
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import METHODS, QUICK_METHODS, run, write_report
     from .reproduce.faults import run_bitflips
@@ -72,7 +66,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = Path(args.out)
     results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
-        task = _load_task(name, quick=args.quick)
+        task = load_task(name, quick=args.quick)
         methods = chosen or task.methods or tuple(METHODS)
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
@@ -217,7 +211,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _current_loss(objective) -> float:
+def _current_loss(objective: Objective) -> float:
     """L at the model's current (corrupted) weights, without the finiteness check."""
     with objective.probe() as probe:
         return float(probe.loss())
@@ -225,12 +219,7 @@ def _current_loss(objective) -> float:
 
 # ------------------------------------------------------------------------------ indicators
 def cmd_indicators(args: argparse.Namespace) -> int:
-    from . import (
-        hessian_top_eigenvalue,
-        hessian_trace,
-        layer_vulnerability,
-        loss_change,
-    )
+    from . import hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
 
     setup = _setup(args, ("train",))
     attack = setup.objective("train")
@@ -281,14 +270,10 @@ def _landscape_alphas(span: float, points: int) -> list[float]:
 def _landscape(args: argparse.Namespace, setup: Setup) -> dict:
     """The losses on lines along each corruption kind and, unless ``--surface none``, on a plane."""
     from . import Budget
-    from .landscape import (
-        corruption_direction,
-        loss_line,
-        loss_surface,
-        random_direction,
-    )
+    from .landscape import corruption_direction, loss_line, loss_surface, random_direction
 
     attack = setup.objective("train")
+    clean = _clean_loss(setup, "train")
     budget = Budget("l2", args.eps, scale="layer")
 
     def direction(kind: str) -> list:
@@ -303,7 +288,7 @@ def _landscape(args: argparse.Namespace, setup: Setup) -> dict:
     directions = {kind: direction(kind) for kind in args.directions}
     result: dict = {"command": "landscape", **setup.describe(), "measured_on": "train",
                     "budget": {"norm": "l2", "scale": "layer", "eps": args.eps}, "span": args.span, "seed": args.seed,
-                    "clean_loss": _clean_loss(setup, "train"),
+                    "clean_loss": clean,
                     "lines": {"directions": list(args.directions), "alphas": alphas,
                               "losses": {k: loss_line(attack, d, alphas).tolist() for k, d in directions.items()}},
                     "surface": None}
