@@ -469,13 +469,15 @@ def test_user_model_by_module_name_with_loader_loss_and_state_dict(user, tmp_pat
     with torch.no_grad():
         trained[0].weight.mul_(3.0)
     torch.save(trained.state_dict(), tmp_path / "weights.pt")
+    name = "parashield_cli_test_user_code"
+    (user / f"{name}.py").write_text(USER_CODE)
     monkeypatch.chdir(user)
-    sys.modules.pop("user", None)
+    monkeypatch.delitem(sys.modules, name, raising=False)
     out = tmp_path / "i.json"
-    assert main(["indicators", "--model", "user:Zoo.build", "--data", "user:loader", "--loss", "user:squared_error",
-                 "--checkpoint", str(tmp_path / "weights.pt"), "--eps", "0.01", "--methods", "first_order",
-                 "--json", str(out)]) == 0
-    sys.modules.pop("user", None)
+    assert main(["indicators", "--model", f"{name}:Zoo.build", "--data", f"{name}:loader", "--loss",
+                 f"{name}:squared_error", "--checkpoint", str(tmp_path / "weights.pt"), "--eps", "0.01",
+                 "--methods", "first_order", "--json", str(out)]) == 0
+    assert str(user) not in sys.path  # the current folder was on the path for the import only
     doc = json.loads(out.read_text())
     x, y = map(torch.cat, zip(*reference.data("train")))
     with torch.no_grad():
