@@ -1,22 +1,17 @@
 """Loss landscapes: grid shapes, the centre is the clean loss, exact values on quadratic and
 least-squares models, vmap and loop agree, the model is restored bit for bit (also on errors),
-filter normalization, input checks, and ``parashield landscape`` on a digits checkpoint."""
+filter normalization and input checks (``parashield landscape`` is tested with the command line)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import re
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from parashield import Budget, GradientCorruption, Objective, load_checkpoint
-from parashield.checkpoint import save_checkpoint
-from parashield.cli import build_parser, main
+from parashield import Budget, GradientCorruption, Objective
 from parashield.landscape import (
     corruption_direction,
     loss_line,
@@ -238,92 +233,6 @@ def test_plots_write_pngs(tmp_path):
     assert plot_surface(tmp_path / "s.png", a, a, z).stat().st_size > 0
     with pytest.raises(ValueError, match=r"losses must have shape"):
         plot_surface(tmp_path / "s.png", a, a[:2], z)
-
-
-# ------------------------------------------------------------------------------ command line
-@pytest.fixture(scope="module")
-def digits_checkpoint(tmp_path_factory):
-    from parashield.reproduce.datasets import MissingDataError
-    from parashield.reproduce.tasks import digits
-
-    try:
-        task = digits(quick=True)
-    except MissingDataError as exc:
-        pytest.skip(f"digits data not installed; install it with: {exc.install_command}")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("landscape") / "model.pt"
-    save_checkpoint(path, task.build_model())
-    return task, path
-
-
-@pytest.mark.parametrize("surface", ["adversarial", "random"])
-def test_cli_writes_plots_and_json(digits_checkpoint, tmp_path, surface, capsys):
-    task, path = digits_checkpoint
-    out = tmp_path / "new" / "folder"
-    assert main(["landscape", "--task", "digits", "--checkpoint", str(path), "--out", str(out), "--points", "4",
-                 "--surface-points", "3", "--surface", surface, "--eps", "0.1", "--span", "1.5"]) == 0
-    assert "clean loss" in capsys.readouterr().out
-    for name in ("landscape_lines.png", "landscape_surface.png"):
-        assert (out / name).stat().st_size > 0
-    data = json.loads((out / "landscape.json").read_text())
-    model = task.build_model()
-    load_checkpoint(path, model, restore_rng=False)
-    clean = Objective(model, task.loss_fn, task.attack_data).loss()
-    assert data["clean_loss"] == pytest.approx(clean, rel=1e-6)
-    assert (data["task"], data["checkpoint"], data["eps"]) == ("digits", str(path), 0.1)
-    lines = data["lines"]
-    assert lines["alphas"] == [-1.5, -0.75, 0.0, 0.75, 1.5]  # 4 points raised to 5, centre exact
-    assert lines["directions"] == ["random", "one_step", "multi_step"] == list(lines["losses"])
-    for losses in lines["losses"].values():
-        assert len(losses) == 5 and losses[2] == pytest.approx(clean, rel=1e-6)
-    assert lines["losses"]["multi_step"][-1] > clean  # an adversarial direction raises the loss
-    s = data["surface"]
-    assert s["kind"] == surface and s["alphas"] == s["betas"] == [-1.5, 0.0, 1.5]
-    assert s["directions"] == (["multi_step", "random"] if surface == "adversarial" else ["random", "random"])
-    assert len(s["losses"]) == 3 and all(len(row) == 3 for row in s["losses"])
-    assert s["losses"][1][1] == pytest.approx(clean, rel=1e-6)
-    if surface == "adversarial":  # beta = 0 is the multi-step line, on a coarser grid
-        assert [row[1] for row in s["losses"]] == pytest.approx(lines["losses"]["multi_step"][::2], rel=1e-6)
-
-
-def test_cli_without_surface(digits_checkpoint, tmp_path):
-    _, path = digits_checkpoint
-    main(["landscape", "--task", "digits", "--checkpoint", str(path), "--out", str(tmp_path), "--points", "3",
-          "--directions", "one_step", "--surface", "none"])
-    data = json.loads((tmp_path / "landscape.json").read_text())
-    assert data["surface"] is None and list(data["lines"]["losses"]) == ["one_step"]
-    assert (tmp_path / "landscape_lines.png").is_file() and not (tmp_path / "landscape_surface.png").exists()
-
-
-@pytest.mark.parametrize("extra,match", [
-    (["--directions", "random,sideways"], "unknown direction kind(s) 'sideways'; choose from random, one_step, multi_step"),
-    (["--points", "2"], "--points must be >= 3, got 2"),
-    (["--surface-points", "1"], "--surface-points must be >= 3, got 1"),
-    (["--eps", "0"], "--eps must be a finite number > 0"),
-    (["--span", "inf"], "--span must be a finite number > 0"),
-])
-def test_cli_errors(extra, match, tmp_path):
-    with pytest.raises(SystemExit) as exc:
-        main(["landscape", "--task", "digits", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path), *extra])
-    assert str(exc.value.code).startswith("parashield: error: ") and match in str(exc.value.code)
-
-
-def test_cli_help_documents_every_option(capsys):
-    parser = build_parser()
-    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    with pytest.raises(SystemExit) as exc:
-        main(["landscape", "--help"])
-    assert exc.value.code == 0
-    out = capsys.readouterr().out
-    text = " ".join(out.split())
-    options = [a for a in action.choices["landscape"]._actions if a.option_strings and a.dest != "help"]
-    assert {o for a in options for o in a.option_strings} >= {
-        "--task", "--checkpoint", "--out", "--directions", "--eps", "--points", "--span", "--surface",
-        "--surface-points", "--seed"}
-    for a in options:
-        assert a.help and " ".join(a.help.split()) in text
-        assert all(re.search(rf"(^|\s|\[){re.escape(opt)}\b", out) for opt in a.option_strings)
-        assert all(str(c) in text for c in a.choices or ())
 
 
 def test_no_warnings_on_a_plain_run(mlp_objective):

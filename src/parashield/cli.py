@@ -1,14 +1,46 @@
-"""Command line: ``parashield reproduce | attack | evaluate | indicators | landscape``."""
+"""Command line: ``parashield reproduce | attack | evaluate | indicators | landscape`` (see docs/cli.md).
+
+Arguments are parsed and checked by argparse ``type=`` functions before any work starts; every
+bad input ends as ``parashield: error: ...`` with exit status 2, Ctrl-C with status 130.
+``attack`` and ``indicators`` print each row and rewrite their JSON file as soon as it is done.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from ._cli_setup import CommandError, Setup, load_task, task_setup, user_setup
+from ._cli_types import (
+    csv_of,
+    default_threads,
+    device,
+    existing_file,
+    factory_ref,
+    finite_positive_float,
+    int_in,
+    output_file,
+    output_folder,
+    positive_int,
+)
+
+if TYPE_CHECKING:
+    from .objective import Objective
+
+#: Largest line (``--points``) and plane side (``--surface-points``) of ``landscape``: each
+#: point is a loss over the whole train split, and larger grids could only exhaust the memory
+#: (a 10^6-point side is a 10^12-point plane, 8 TB of float64) or never finish.
+MAX_LINE_POINTS = 100_001
+MAX_SURFACE_POINTS = 1_001
+#: Largest ``--steps`` / ``--trials``: the corruption keeps one loss per step or trial.
+MAX_ITERATIONS = 1_000_000
 
 
 def _task_names() -> list[str]:
@@ -17,46 +49,26 @@ def _task_names() -> list[str]:
     return sorted(TASKS)
 
 
-def _load_task(name: str, quick: bool = False):
-    from .reproduce import TASKS
+def _reproduce_methods() -> tuple[str, ...]:
+    from .reproduce import METHODS
 
-    if name not in TASKS:
-        raise SystemExit(f"parashield: error: unknown task {name!r}; choose from {', '.join(sorted(TASKS))}")
-    try:
-        return TASKS[name](quick=quick)
-    except FileNotFoundError as exc:  # MissingDataError names the install command
-        raise SystemExit(f"parashield: error: data for task {name!r} is missing: {exc}") from None
+    return tuple(METHODS)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import torch
+    from .reproduce import QUICK_METHODS, run_task, write_report
 
-    from .reproduce import METHODS, QUICK_METHODS, run_task, write_report
-
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("parashield: error: --threads must be >= 1")
-        torch.set_num_threads(args.threads)
-
-    names = _task_names() if args.task == "all" else args.task.split(",")
-    unknown_tasks = [n for n in names if n not in _task_names()]
-    if unknown_tasks:  # before --quick replaces the names, and before any task is run
-        raise SystemExit(f"parashield: error: unknown task(s) {', '.join(map(repr, unknown_tasks))}; "
-                         f"choose from {', '.join(_task_names())}")
+    names = _task_names() if "all" in args.task else list(args.task)
     if args.quick:
         names = ["digits"]
-    chosen = tuple(args.methods.split(",")) if args.methods else (QUICK_METHODS if args.quick else None)
-    unknown = [m for m in chosen or () if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"parashield: error: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    chosen = args.methods or (QUICK_METHODS if args.quick else None)
     out = Path(args.out)
     results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
-        task = _load_task(name, quick=args.quick)
-        methods = chosen or task.methods
+        task = load_task(name, quick=args.quick)
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
-        results["tasks"][name] = run_task(task, methods, seeds, out)
+        results["tasks"][name] = run_task(task, chosen or task.methods, seeds, out)
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
     report = write_report(results, out)
@@ -65,19 +77,38 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _objective_from_checkpoint(args: argparse.Namespace):
-    from . import Objective, load_checkpoint
+# ------------------------------------------------------------------------------ shared pieces
+def _setup(args: argparse.Namespace, splits: tuple[str, ...]) -> Setup:
+    """The model, loss and data the command works on, loaded and checked."""
+    if args.task is not None:
+        return task_setup(args.task, args.checkpoint, args.device)
+    return user_setup(args.model, args.data, args.loss, args.checkpoint, args.device, splits)
 
-    task = _load_task(args.task)
-    if not Path(args.checkpoint).is_file():
-        raise SystemExit(f"parashield: error: checkpoint {args.checkpoint} not found")
-    model = task.build_model()
+
+def _clean_loss(setup: Setup, split: str) -> float:
+    """L(w) on ``split``: the check that model, loss and data work together, before any
+    corruption is searched."""
+    from .objective import NonFiniteLossError
+
     try:
-        load_checkpoint(args.checkpoint, model, restore_rng=False)
-    except (RuntimeError, KeyError) as exc:
-        raise SystemExit(f"parashield: error: {args.checkpoint} is not a checkpoint of task {args.task!r}: {exc}") from None
-    model.eval()
-    return task, model, Objective(model, task.loss_fn, task.attack_data)
+        return setup.objective(split).loss()
+    except CommandError:
+        raise
+    except NonFiniteLossError as exc:
+        raise CommandError(f"the loss of {setup.source} on the {split} split is not finite before any corruption: {exc}") from None
+    except Exception as exc:  # the model, loss and data do not fit together: say which and why
+        raise CommandError(f"cannot compute the loss of {setup.source} on the {split} split: "
+                           f"{type(exc).__name__}: {exc}") from None
+
+
+def _or_inf(compute: Callable[[], float]) -> float:
+    """``compute()``, with a non-finite loss (a corruption that overflowed the model) as +inf."""
+    from .objective import NonFiniteLossError, overflow_to_inf
+
+    try:
+        return overflow_to_inf(compute())
+    except NonFiniteLossError:
+        return float("inf")
 
 
 def _budget(args: argparse.Namespace, eps: float):
@@ -86,80 +117,172 @@ def _budget(args: argparse.Namespace, eps: float):
     return Budget(args.norm, eps, sparsity=args.sparsity, scale=None if args.scale == "none" else args.scale)
 
 
-def cmd_attack(args: argparse.Namespace) -> int:
-    from . import Objective, corrupted, make_corruption
+def _budget_doc(args: argparse.Namespace) -> dict:
+    return {"norm": args.norm, "scale": args.scale, "eps": list(args.eps), "sparsity": args.sparsity}
 
-    task, model, attack = _objective_from_checkpoint(args)
-    test = Objective(model, task.loss_fn, task.test_data)
-    rows = [{"eps": 0.0, "loss": test.loss(), task.metric_name: task.metric(model, task.test_data)}]
+
+def _budget_text(args: argparse.Namespace) -> str:
+    dense = "dense" if args.sparsity is None else f"at most {args.sparsity} parameters change"
+    return f"{args.norm} norm, {args.scale} scale, {dense}, eps {' '.join(f'{e:g}' for e in args.eps)}"
+
+
+def _split_text(setup: Setup, split: str) -> str:
+    n = setup.describe()["splits"][split]
+    return f"the {split} split" + ("" if n is None else f" ({n} examples)")
+
+
+def _print_header(command: str, setup: Setup) -> None:
+    info = setup.describe()
+    weights = f", weights {info['checkpoint']}" if info["checkpoint"] else ", weights as built"
+    print(f"parashield {command}: {info['model']}{weights}, {info['parameters']} parameters, device {info['device']}")
+
+
+def _write_json(path: Optional[Path], doc: Any) -> None:
+    """Replace ``path`` with ``doc`` atomically (a temporary file in the same folder, then
+    ``os.replace``), so that a run stopped at any moment leaves the last complete version."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _Table:
+    """Rows printed one by one under a header, numbers in ``%g`` style."""
+
+    def __init__(self, columns: Sequence[tuple[str, str]]) -> None:
+        self.columns = columns  # (key, title)
+        self.widths = [max(11, len(title)) for _, title in columns]
+        print("  ".join(f"{title:>{w}}" for (_, title), w in zip(columns, self.widths)))
+
+    def row(self, values: dict) -> None:
+        cells = [values.get(key) for key, _ in self.columns]
+        text = ["-" if v is None else f"{v:.6g}" if isinstance(v, (int, float)) else str(v) for v in cells]
+        print("  ".join(f"{t:>{w}}" for t, w in zip(text, self.widths)), flush=True)
+
+
+# ------------------------------------------------------------------------------ attack
+def cmd_attack(args: argparse.Namespace) -> int:
+    from . import corrupted, make_corruption
+    from .objective import overflow_to_inf
+
+    setup = _setup(args, ("train", "test"))
+    attack, test = setup.objective("train"), setup.objective("test")
+    clean_train, clean_test = _clean_loss(setup, "train"), _clean_loss(setup, "test")
+    options = {"multi_step": {"steps": args.steps}, "random": {"trials": args.trials}}.get(args.corruption, {})
+    metric = setup.metric_name
+    doc = {"command": "attack", **setup.describe(), "budget": _budget_doc(args),
+           "corruption": {"kind": args.corruption, **options}, "searched_on": "train", "evaluated_on": "test",
+           "metric": metric, "clean_train_loss": clean_train, "rows": [], "complete": False}
+    _print_header("attack", setup)
+    print(f"corruption: {args.corruption}{''.join(f', {v} {k}' for k, v in options.items())}; budget: {_budget_text(args)}")
+    print(f"searched on {_split_text(setup, 'train')}, evaluated on {_split_text(setup, 'test')}")
+    columns = [("eps", "eps"), ("loss", "test loss")] + ([(metric, metric)] if metric else [])
+    table = _Table(columns + [("train_loss_change", "train loss change")])
+
+    def record(row: dict) -> None:
+        doc["rows"].append(row)
+        table.row(row)
+        _write_json(args.json, doc)
+
+    def scored() -> dict:
+        """The metric at the model's current weights (none without a known metric)."""
+        return {metric: float(setup.metric(setup.model, setup.test_data))} if metric else {}
+
+    record({"eps": 0.0, "loss": clean_test, **scored(), "train_loss_change": 0.0})
     for eps in args.eps:
-        kw = {"steps": args.steps} if args.corruption == "multi_step" else {"trials": args.trials} if args.corruption == "random" else {}
-        res = make_corruption(args.corruption, _budget(args, eps), **kw)(attack)
-        with corrupted(model, res):
-            rows.append({"eps": eps, "loss": test.loss(), task.metric_name: task.metric(model, task.test_data),
-                         "train_loss_change": res.loss_change})
-    print(f"{'eps':>8} {'test loss':>10} {task.metric_name:>10}")
-    for r in rows:
-        print(f"{r['eps']:>8g} {r['loss']:>10.4f} {r[task.metric_name]:>10.4f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        result = make_corruption(args.corruption, _budget(args, eps), **options)(attack)
+        with corrupted(setup.model, result):
+            record({"eps": eps, "loss": _or_inf(functools.partial(_current_loss, test)), **scored(),
+                    "train_loss_change": overflow_to_inf(result.loss_change)})
+    doc["complete"] = True
+    _write_json(args.json, doc)
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
-
-
+# ------------------------------------------------------------------------------ evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import evaluate_robustness
 
-    task, model, attack = _objective_from_checkpoint(args)
+    setup = _setup(args, ("train", "test"))
+    attack, test = setup.objective("train"), setup.objective("test")
+    _clean_loss(setup, "train")
+    _clean_loss(setup, "test")
+    metric = setup.metric_name
+    _print_header("evaluate", setup)
+    print(f"attack ensemble: Auto-PGD on the loss{' and the DLR margin' if args.classification else ''}, "
+          f"{args.steps} steps x {args.restarts} runs per member; budget: {_budget_text(args)}")
+    print(f"searched on {_split_text(setup, 'train')}, reported on {_split_text(setup, 'test')}")
     ev = evaluate_robustness(
-        attack, _budget(args, args.eps[0]), eps=args.eps, classification=args.classification,
-        heldout=task.test_data, metric=lambda m: task.metric(m, task.test_data),
-        steps=args.steps, restarts=args.restarts, seed=args.seed,
-    )
-    print(f"{'eps':>8} {'attack loss':>12} {'test loss':>10} {task.metric_name:>10}  found by")
+        attack, _budget(args, args.eps[0]), eps=list(args.eps), classification=args.classification, heldout=test,
+        metric=(lambda m: float(setup.metric(m, setup.test_data))) if metric else None,
+        steps=args.steps, restarts=args.restarts, seed=args.seed)
+    table = _Table([("eps", "eps"), ("attack_loss", "attack loss"), ("test_loss", "test loss")]
+                   + ([(metric, metric)] if metric else []) + [("member", "found by")])
     first = ev.results[0]
-    print(f"{0:>8g} {first.loss_before:>12.4f} {first.heldout_before:>10.4f} {first.metric_before:>10.4f}")
+    table.row({"eps": 0.0, "attack_loss": first.loss_before, "test_loss": first.heldout_before,
+               metric: first.metric_before})
     for r in ev.results:
-        print(f"{r.eps:>8g} {r.loss_after:>12.4f} {r.heldout_after:>10.4f} {r.metric_after:>10.4f}  {r.member}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({**ev.as_dict(), "metric": task.metric_name}, indent=1))
+        table.row({"eps": r.eps, "attack_loss": r.loss_after, "test_loss": r.heldout_after, metric: r.metric_after,
+                   "member": r.member})
+    _write_json(args.json, {"command": "evaluate", **setup.describe(), "budget": _budget_doc(args),
+                            "searched_on": "train", "evaluated_on": "test", "metric": metric, **ev.as_dict()})
     return 0
 
 
+def _current_loss(objective: Objective) -> float:
+    """L at the model's current (corrupted) weights, without the finiteness check."""
+    with objective.probe() as probe:
+        return float(probe.loss())
+
+
+# ------------------------------------------------------------------------------ indicators
 def cmd_indicators(args: argparse.Namespace) -> int:
     from . import hessian_top_eigenvalue, hessian_trace, layer_vulnerability, loss_change
 
-    task, model, attack = _objective_from_checkpoint(args)
-    out: dict = {"indicators": []}
+    setup = _setup(args, ("train",))
+    attack = setup.objective("train")
+    clean = _clean_loss(setup, "train")
+    doc: dict = {"command": "indicators", **setup.describe(), "budget": _budget_doc(args), "measured_on": "train",
+                 "clean_loss": clean, "methods": list(args.methods), "indicators": [], "layers": None,
+                 "complete": False}
+    _print_header("indicators", setup)
+    print(f"loss change indicators on {_split_text(setup, 'train')}, clean loss {clean:.6g}; budget: {_budget_text(args)}")
+    table = _Table([("eps", "eps")] + [(m, m) for m in args.methods])
     for eps in args.eps:
-        b = _budget(args, eps)
-        row = {"eps": eps}
-        for method in args.methods.split(","):
-            row[method] = loss_change(attack, b, method)
-        out["indicators"].append(row)
-        print(" ".join(f"{k}={v:.5g}" for k, v in row.items()))
-    out["layers"] = [vars(r) for r in layer_vulnerability(attack, _budget(args, args.eps[0]))]
-    for r in out["layers"][:10]:
-        print(f"  {r['name']:<40} {r['numel']:>9} {r['value']:.5g}")
+        budget = _budget(args, eps)
+        row = {"eps": eps, **{m: _or_inf(functools.partial(loss_change, attack, budget, m)) for m in args.methods}}
+        doc["indicators"].append(row)
+        table.row(row)
+        _write_json(args.json, doc)
+
+    eps = args.eps[0]
+    layers = layer_vulnerability(attack, _budget(args, eps))
+    doc["layers"] = {"method": "first_order", "eps": eps, "values": [vars(r) for r in layers]}
+    shown = layers[: args.layers]
+    print(f"\nper-layer vulnerability: first_order loss change with only that layer corrupted, eps {eps:g} "
+          f"({args.norm} norm, {args.scale} scale), most vulnerable first ({len(shown)} of {len(layers)} layers)")
+    width = max([len("layer")] + [len(r.name) for r in shown])
+    print(f"  {'layer':<{width}}  {'parameters':>10}  {'loss change':>11}")
+    for r in shown:
+        print(f"  {r.name:<{width}}  {r.numel:>10}  {r.value:>11.6g}")
     if args.curvature:
-        out["hessian_top_eigenvalue"] = hessian_top_eigenvalue(attack)
-        out["hessian_trace"] = hessian_trace(attack)
-        print(f"top Hessian eigenvalue {out['hessian_top_eigenvalue']:.5g}, trace {out['hessian_trace']:.5g}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        doc["hessian_top_eigenvalue"] = hessian_top_eigenvalue(attack)
+        doc["hessian_trace"] = hessian_trace(attack)
+        print(f"\ntop Hessian eigenvalue {doc['hessian_top_eigenvalue']:.6g}, trace {doc['hessian_trace']:.6g} "
+              f"on {_split_text(setup, 'train')}")
+    doc["complete"] = True
+    _write_json(args.json, doc)
     return 0
 
 
+# ------------------------------------------------------------------------------ landscape
 def _landscape_alphas(span: float, points: int) -> list[float]:
     """``points`` values over [-span, span] (an even count is raised by one), symmetric, with
     0 exactly in the middle so that w itself is on the grid."""
@@ -169,22 +292,13 @@ def _landscape_alphas(span: float, points: int) -> list[float]:
     return torch.cat([-half[1:].flip(0), half]).tolist()
 
 
-def cmd_landscape(args: argparse.Namespace) -> int:
+def _landscape(args: argparse.Namespace, setup: Setup) -> dict:
+    """The losses on lines along each corruption kind and, unless ``--surface none``, on a plane."""
     from . import Budget
-    from .landscape import CORRUPTION_KINDS, corruption_direction, loss_line, loss_surface, plot_line, plot_surface, random_direction
+    from .landscape import corruption_direction, loss_line, loss_surface, random_direction
 
-    kinds = args.directions.split(",")
-    unknown = [k for k in kinds if k not in CORRUPTION_KINDS]
-    if unknown:
-        raise SystemExit(f"parashield: error: unknown direction kind(s) {', '.join(map(repr, unknown))}; "
-                         f"choose from {', '.join(CORRUPTION_KINDS)}")
-    for name, value in (("--points", args.points), ("--surface-points", args.surface_points)):
-        if value < 3:
-            raise SystemExit(f"parashield: error: {name} must be >= 3, got {value}")
-    for name, value in (("--eps", args.eps), ("--span", args.span)):
-        if not (math.isfinite(value) and value > 0):
-            raise SystemExit(f"parashield: error: {name} must be a finite number > 0, got {value}")
-    task, model, attack = _objective_from_checkpoint(args)
+    attack = setup.objective("train")
+    clean = _clean_loss(setup, "train")
     budget = Budget("l2", args.eps, scale="layer")
 
     def direction(kind: str) -> list:
@@ -195,18 +309,14 @@ def cmd_landscape(args: argparse.Namespace) -> int:
         """A filter-normalized random direction scaled by eps: per layer as large as the budget."""
         return [args.eps * d for d in random_direction(attack, seed=seed)]
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     alphas = _landscape_alphas(args.span, args.points)
-    clean = attack.loss()
-    directions = {kind: direction(kind) for kind in kinds}
-    lines = {kind: loss_line(attack, d, alphas).tolist() for kind, d in directions.items()}
-    result: dict = {"task": args.task, "checkpoint": str(args.checkpoint), "eps": args.eps, "span": args.span,
-                    "seed": args.seed, "clean_loss": clean,
-                    "lines": {"directions": kinds, "alphas": alphas, "losses": lines}, "surface": None}
-    print(f"clean loss {clean:.5g}")
-    for kind, losses in lines.items():
-        print(f"  {kind:<10} loss at alpha=-{args.span:g}: {losses[0]:.5g}, at alpha={args.span:g}: {losses[-1]:.5g}")
+    directions = {kind: direction(kind) for kind in args.directions}
+    result: dict = {"command": "landscape", **setup.describe(), "measured_on": "train",
+                    "budget": {"norm": "l2", "scale": "layer", "eps": args.eps}, "span": args.span, "seed": args.seed,
+                    "clean_loss": clean,
+                    "lines": {"directions": list(args.directions), "alphas": alphas,
+                              "losses": {k: loss_line(attack, d, alphas).tolist() for k, d in directions.items()}},
+                    "surface": None}
     if args.surface != "none":
         if args.surface == "random":
             d1, d2, names = filter_random(args.seed), filter_random(args.seed + 1), ["random", "random"]
@@ -214,98 +324,215 @@ def cmd_landscape(args: argparse.Namespace) -> int:
             d1 = directions["multi_step"] if "multi_step" in directions else direction("multi_step")
             d2, names = filter_random(args.seed), ["multi_step", "random"]
         grid = _landscape_alphas(args.span, args.surface_points)
-        losses = loss_surface(attack, d1, d2, grid, grid)
         result["surface"] = {"kind": args.surface, "directions": names, "alphas": grid, "betas": grid,
-                             "losses": losses.tolist()}
-    (out / "landscape.json").write_text(json.dumps(result, indent=1))
+                             "losses": loss_surface(attack, d1, d2, grid, grid).tolist()}
+    return result
+
+
+def _write_landscape(out: Path, result: dict) -> list[Path]:
+    """landscape.json and, where matplotlib is installed, the line and plane plots."""
+    from .landscape import plot_line, plot_surface
+
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "landscape.json", result)
     written = [out / "landscape.json"]
+    what = f"{result['model']}, loss on the train split, eps={result['budget']['eps']:g}"
+    lines, surface = result["lines"], result["surface"]
     try:
-        written.append(plot_line(out / "landscape_lines.png", alphas, lines, clean,
-                                 title=f"{args.task}: loss along corruption directions (eps={args.eps:g})"))
-        if result["surface"] is not None:
-            written.append(plot_surface(out / "landscape_surface.png", grid, grid, losses, labels=names,
-                                        title=f"{args.task}: {args.surface} plane (eps={args.eps:g})"))
+        written.append(plot_line(out / "landscape_lines.png", lines["alphas"], lines["losses"], result["clean_loss"],
+                                 title=f"{what}: corruption directions"))
+        if surface is not None:
+            written.append(plot_surface(out / "landscape_surface.png", surface["alphas"], surface["betas"],
+                                        surface["losses"], labels=surface["directions"],
+                                        title=f"{what}: {surface['kind']} plane"))
     except ImportError as exc:
         print(f"parashield: no plots: {exc}", file=sys.stderr)
-    print(f"wrote {', '.join(map(str, written))}")
+    return written
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    setup = _setup(args, ("train",))
+    _print_header("landscape", setup)
+    print(f"loss on {_split_text(setup, 'train')}; directions: corruptions in an l2 norm, layer scale budget, "
+          f"eps {args.eps:g}; alpha in [-{args.span:g}, {args.span:g}]")
+    result = _landscape(args, setup)
+    print(f"clean loss {result['clean_loss']:.6g}")
+    for kind, losses in result["lines"]["losses"].items():
+        print(f"  {kind:<10} loss at alpha=-{args.span:g}: {losses[0]:.6g}, at alpha={args.span:g}: {losses[-1]:.6g}")
+    print(f"wrote {', '.join(map(str, _write_landscape(args.out, result)))}")
     return 0
 
 
+# ------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """Errors read ``parashield: error: ...`` (exit status 2) in every subcommand."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"parashield: error: {message}\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        if action.default is None or action.default is False or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_threads(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--threads", type=positive_int, default=default_threads(),
+                   help="torch CPU threads; the default is OMP_NUM_THREADS when set, else half the CPUs this "
+                        "process may use, from 1 to 8 (torch's own default, every core, can make runs many "
+                        "times slower on a machine busy with other jobs)")
+
+
+def _add_source(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("model and data: a built-in task (--task, --checkpoint), or your own code "
+                             "(--model, --data, optional --loss and --checkpoint)")
+    g.add_argument("--task", choices=_task_names(), help="a built-in task: its model, loss, metric and data")
+    g.add_argument("--checkpoint", type=existing_file, metavar="FILE",
+                   help="weights: a train.pt written by 'parashield reproduce' or save_checkpoint, or a plain "
+                        "state_dict file (read with weights_only=True); required with --task")
+    g.add_argument("--model", type=factory_ref, metavar="MODULE:FACTORY",
+                   help="your model: factory() -> torch.nn.Module, from an importable module or path/to/file.py")
+    g.add_argument("--data", type=factory_ref, metavar="MODULE:FACTORY",
+                   help="your data: factory(split) -> one batch, a list of batches or a DataLoader; split is "
+                        "'train' (corruptions are searched there) or 'test' (attack evaluates there)")
+    g.add_argument("--loss", type=factory_ref, metavar="MODULE:FUNCTION",
+                   help="your loss: function(model, batch) -> scalar tensor (the batch mean); default "
+                        "cross-entropy of model(x) and y for (x, y) batches, which also reports accuracy")
+    g.add_argument("--device", type=device, default="cpu", help="torch device to run on (cpu, cuda, cuda:1, mps)")
+
+
+def _add_budget(q: argparse.ArgumentParser) -> None:
+    g = q.add_argument_group("budget: the set S = {a : ||a||_p <= eps (scaled), at most SPARSITY nonzeros}")
+    g.add_argument("--eps", type=finite_positive_float, nargs="+", default=[0.01, 0.05, 0.1],
+                   help="corruption radii, finite and > 0 (relative to each layer's norm with --scale layer)")
+    g.add_argument("--norm", default="l2", choices=["l1", "l2", "linf"], help="budget norm")
+    g.add_argument("--scale", default="layer", choices=["none", "layer", "element"],
+                   help="budget scale: absolute (none), relative to each layer's norm, or to each weight")
+    g.add_argument("--sparsity", type=positive_int, default=None,
+                   help="at most this many parameters change (needs --scale none or element); default dense")
+    q.add_argument("--json", type=output_file, default=None, metavar="FILE",
+                   help="also write the numbers to this JSON file, rewritten after each row")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="parashield", description="Parameter corruption, loss change indicators and adversarial parameter defense.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from .corruption import CORRUPTION_KINDS
+    from .indicators import METHODS as INDICATORS
 
-    r = sub.add_parser("reproduce", help="train plain/one-step/SAM/APD models and evaluate them under corruption")
-    r.add_argument("--task", default="all", help="task name, comma-separated names, or 'all' (digits, fashion, ptb, translation, bbc)")
-    r.add_argument("--quick", action="store_true", help="digits only, fewer epochs: a few minutes on 2 CPU cores")
-    r.add_argument("--seeds", type=int, default=None, help="number of seeds (default: each task's own, 3 but 2 for translation)")
-    r.add_argument("--methods", default=None, help="comma-separated subset of: plain, one_step, sam, apd2, apd3, apd5 "
-                   "(default: each task's own set, all six where a full run fits the hour; --quick: plain, one_step, sam, apd3)")
-    r.add_argument("--out", default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    r.set_defaults(func=cmd_reproduce)
+    p = _Parser(prog="parashield", formatter_class=_HelpFormatter,
+                description="Parameter corruption, loss change indicators and adversarial parameter defense.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--task", required=True, help="the task whose model, loss and data the checkpoint belongs to")
-        q.add_argument("--checkpoint", required=True, help="a train.pt written by 'parashield reproduce'")
-        q.add_argument("--eps", type=float, nargs="+", default=[0.01, 0.05, 0.1], help="corruption radii")
-        q.add_argument("--norm", default="l2", choices=["l1", "l2", "linf"], help="budget norm")
-        q.add_argument("--scale", default="layer", choices=["none", "layer", "element"], help="budget scale")
-        q.add_argument("--sparsity", type=int, default=None, help="at most this many parameters change")
-        q.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    def command(name: str, func: Callable, text: str) -> argparse.ArgumentParser:
+        q = sub.add_parser(name, help=text, description=text, formatter_class=_HelpFormatter)
+        q.set_defaults(func=func, parser=q)
+        return q
 
-    a = sub.add_parser("attack", help="corrupt a saved model's parameters and report the test metric")
-    common(a)
-    a.add_argument("--corruption", default="multi_step", choices=["random", "one_step", "multi_step"],
-                   help="corruption type (default multi_step)")
-    a.add_argument("--steps", type=int, default=10, help="multi-step corruption steps")
-    a.add_argument("--trials", type=int, default=10, help="random corruption trials")
-    a.set_defaults(func=cmd_attack)
+    r = command("reproduce", cmd_reproduce, "train plain/one-step/SAM/APD models and evaluate them under corruption")
+    r.add_argument("--task", type=csv_of(_task_names() + ["all"]), default="all",
+                   help=f"task name, comma-separated names, or 'all' ({', '.join(_task_names())})")
+    r.add_argument("--quick", action="store_true",
+                   help="the whole protocol on digits with 2 seeds, short grids and 20 epochs: about a minute on 2 CPU cores")
+    r.add_argument("--seeds", type=positive_int, default=None,
+                   help="number of seeds (default: each task's own: 10 digits, 5 bbc and fashion, 3 ptb and translation)")
+    r.add_argument("--methods", type=csv_of(_reproduce_methods()), default=None,
+                   help=f"comma-separated subset of: {', '.join(_reproduce_methods())}; the APD K chosen on "
+                   "validation is always added (default: each task's own set; --quick: all but apd2 and apd5)")
+    r.add_argument("--out", type=output_folder, default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
+    _add_threads(r)
 
-    e = sub.add_parser("evaluate", help="worst-case corruption of a saved model by the step-size-free attack ensemble")
-    common(e)
+    a = command("attack", cmd_attack, "corrupt a model's parameters and report the test loss and metric per eps")
+    _add_source(a)
+    _add_budget(a)
+    a.add_argument("--corruption", default="multi_step", choices=list(CORRUPTION_KINDS), help="corruption type")
+    a.add_argument("--steps", type=int_in(1, MAX_ITERATIONS), default=10, help="multi-step corruption steps")
+    a.add_argument("--trials", type=int_in(1, MAX_ITERATIONS), default=10, help="random corruption trials")
+    _add_threads(a)
+
+    e = command("evaluate", cmd_evaluate, "worst-case corruption of a model by the step-size-free attack ensemble")
+    _add_source(e)
+    _add_budget(e)
     e.add_argument("--classification", action="store_true",
                    help="add the DLR margin member (batches (x, y), model(x) the logits)")
-    e.add_argument("--steps", type=_positive_int, default=25, help="most gradient passes of one run (default 25)")
-    e.add_argument("--restarts", type=_positive_int, default=4,
-                   help="gradient passes per member in units of --steps (default 4)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
-    e.set_defaults(func=cmd_evaluate)
+    e.add_argument("--steps", type=int_in(1, MAX_ITERATIONS), default=25, help="most gradient passes of one run")
+    e.add_argument("--restarts", type=int_in(1, 10_000), default=4, help="runs per member")
+    e.add_argument("--seed", type=int_in(0, 2**63 - 2), default=0, help="seed of the random starts")
+    _add_threads(e)
 
-    i = sub.add_parser("indicators", help="loss change indicators and per-layer vulnerability of a saved model")
-    common(i)
-    i.add_argument("--methods", default="first_order,second_order,random,one_step,multi_step",
-                   help="comma-separated indicators (default: all of first_order, second_order, random, one_step, multi_step)")
+    i = command("indicators", cmd_indicators, "loss change indicators and per-layer vulnerability of a model")
+    _add_source(i)
+    _add_budget(i)
+    i.add_argument("--methods", type=csv_of(INDICATORS), default=",".join(INDICATORS),
+                   help=f"comma-separated indicators, of: {', '.join(INDICATORS)}")
+    i.add_argument("--layers", type=positive_int, default=10, help="layers shown in the per-layer table (all in --json)")
     i.add_argument("--curvature", action="store_true", help="also the top Hessian eigenvalue and trace")
-    i.set_defaults(func=cmd_indicators)
+    _add_threads(i)
 
-    ls = sub.add_parser("landscape", help="plot the loss of a saved model on lines and a plane through its parameters")
-    ls.add_argument("--task", required=True, help="the task whose model, loss and data the checkpoint belongs to")
-    ls.add_argument("--checkpoint", required=True, help="a train.pt written by 'parashield reproduce'")
-    ls.add_argument("--out", required=True,
+    ls = command("landscape", cmd_landscape, "plot the loss of a model on lines and a plane through its parameters")
+    _add_source(ls)
+    ls.add_argument("--out", type=output_folder, required=True,
                     help="output folder (created): landscape_lines.png, landscape_surface.png, landscape.json")
-    ls.add_argument("--directions", default="random,one_step,multi_step",
-                    help="comma-separated corruption kinds to draw lines along (default: random,one_step,multi_step)")
-    ls.add_argument("--eps", type=float, default=0.05,
-                    help="layer-relative L2 radius of the directions: alpha=1 is a corruption of this size (default 0.05)")
-    ls.add_argument("--points", type=int, default=21,
-                    help="points per line, >= 3; an even number is raised by one so that w is on the grid (default 21)")
-    ls.add_argument("--span", type=float, default=2.0, help="alpha (and beta) run over [-span, span] (default 2)")
+    ls.add_argument("--directions", type=csv_of(CORRUPTION_KINDS), default=",".join(CORRUPTION_KINDS),
+                    help="comma-separated corruption kinds to draw lines along")
+    ls.add_argument("--eps", type=finite_positive_float, default=0.05,
+                    help="layer-relative L2 radius of the directions: alpha=1 is a corruption of this size")
+    ls.add_argument("--points", type=int_in(3, MAX_LINE_POINTS), default=21,
+                    help="points per line; an even number is raised by one so that w is on the grid")
+    ls.add_argument("--span", type=finite_positive_float, default=2.0, help="alpha (and beta) run over [-span, span]")
     ls.add_argument("--surface", default="random", choices=["random", "adversarial", "none"],
                     help="plane through w: two filter-normalized random directions (random), the multi-step "
-                         "corruption and a random direction (adversarial), or none (default random)")
-    ls.add_argument("--surface-points", type=int, default=11,
-                    help="points per axis of the plane, >= 3, raised to odd like --points (default 11)")
-    ls.add_argument("--seed", type=int, default=0, help="seed of the random directions (default 0)")
-    ls.set_defaults(func=cmd_landscape)
+                         "corruption and a random direction (adversarial), or none")
+    ls.add_argument("--surface-points", type=int_in(3, MAX_SURFACE_POINTS), default=11,
+                    help="points per axis of the plane, raised to odd like --points")
+    ls.add_argument("--seed", type=int_in(0, 2**63 - 2), default=0, help="seed of the random directions")
+    _add_threads(ls)
     return p
 
 
+def _conflicts(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with a combination of arguments that are each valid, or None."""
+    if args.command == "reproduce":
+        return None
+    if (args.task is None) == (args.model is None):
+        return "give either --task (a built-in task) or --model (your own), not both" if args.task else \
+            "give --task NAME --checkpoint FILE, or --model MODULE:FACTORY --data MODULE:FACTORY"
+    if args.task is not None:
+        extra = [o for o in ("data", "loss") if getattr(args, o) is not None]
+        if extra:
+            return f"--{extra[0]} goes with --model; --task brings its own data and loss"
+        if args.checkpoint is None:
+            return f"--task {args.task} needs --checkpoint FILE (e.g. a train.pt written by 'parashield reproduce')"
+    elif args.data is None:
+        return "--model needs --data MODULE:FACTORY, factory(split) -> batches"
+    if getattr(args, "sparsity", None) is not None and args.scale == "layer":
+        return "--sparsity cannot be combined with --scale layer (per-layer balls have no global top-n); use --scale none or element"
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; returns 0, or exits with status 2 on bad input and 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "seeds", None) is not None and args.seeds < 1:
-        raise SystemExit("parashield: error: --seeds must be >= 1")
-    return args.func(args)
+    problem = _conflicts(args)
+    if problem:
+        args.parser.error(problem)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        print(f"parashield: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:  # a file that cannot be read or written after all (disk full, removed folder)
+        print(f"parashield: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("parashield: error: interrupted (Ctrl-C); files written so far are complete", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
