@@ -174,8 +174,10 @@ def compare(tr: dict, a: str, b: str, attack: str, excluded: list[int]) -> Optio
     return {"a": a, "b": b, "seeds": n, "clean": clean.as_dict(), "rows": rows, "robust": robust, "excluded": len(excluded)}
 
 
-def finding_4(tr: dict, attack: str, excluded: list[int]) -> dict:
+def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
     head = tr["headline"]
+    if head is None:
+        return None
     comps = [c for c in (compare(tr, head, m, attack, excluded) for m in CONTROLS if m in tr["methods"]) if c]
     clean_wins = [c["b"] for c in comps if c["clean"]["call"] == "better"]
     robust_wins = [c["b"] for c in comps if c["robust"] == "better"]
@@ -202,7 +204,8 @@ def decide(tr: dict) -> dict:
         out["findings"] = []
         out["note"] = "NOT MEANINGFUL: the plain model does not beat every classical reference; no finding is decided"
         return out
-    out["findings"] = [finding_1(tr), finding_2(tr), finding_3a(tr), finding_3b(tr, attack), finding_4(tr, attack, excluded)]
+    out["findings"] = [f for f in (finding_1(tr), finding_2(tr), finding_3a(tr), finding_3b(tr, attack),
+                                   finding_4(tr, attack, excluded)) if f is not None]
     out["k_ablation"] = [c for c in (compare(tr, m, "plain", attack, excluded) for m in tr["methods"]
                                      if m.startswith("apd")) if c]
     return out

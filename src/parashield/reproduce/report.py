@@ -55,7 +55,7 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     cfg, dec = tr["config"], tr["decision"]
     metric = cfg["metric_name"]
     lines = [f"## Task `{name}`", "",
-             f"{cfg['info']}. Metric: test {metric} ({'higher' if tr['higher_is_better'] else 'lower'} is better; chance "
+             f"{', '.join(f'{k} {v}' for k, v in cfg['info'].items())}. Metric: test {metric} ({'higher' if tr['higher_is_better'] else 'lower'} is better; chance "
              f"{_fmt(tr['chance'])}). {tr['seeds']} seeds per method, paired by seed. Training: {cfg['epochs']} epochs of "
              f"{cfg['optimizer']} with a cosine schedule, keeping the epoch with the best clean validation metric. "
              f"Corruptions: layer-relative L2 (||a_l|| <= eps ||w_l|| per tensor), computed on a fixed subset of the "
@@ -156,7 +156,7 @@ def _finding_rows(f: dict) -> list[str]:
 
 
 def _layers_markdown(tr: dict) -> list[str]:
-    methods = [m for m in ("plain", tr["headline"]) if m in tr["methods"]]
+    methods = [m for m in ("plain", tr["headline"]) if m and m in tr["methods"]]
     first = evals(tr, methods[0])[0]
     lines = [f"#### Per-layer vulnerability, measured (one tensor corrupted alone, 10-step, layer eps {first['layers_eps']}, "
              "test metric, mean over seeds)", "", "| tensor | size | " + " | ".join(_label(m) for m in methods) + " |",
@@ -209,12 +209,12 @@ def summary_table(results: dict) -> list[str]:
         dec = tr["decision"]
         refs = tr["references"]
         best = max(refs.items(), key=lambda kv: (1 if tr["higher_is_better"] else -1) * kv[1]["metric"])
-        head = _ms([e["clean"]["metric"] for e in evals(tr, tr["headline"])])
+        head = _ms([e["clean"]["metric"] for e in evals(tr, tr["headline"])]) if tr["headline"] else "not run"
         f4 = next((f for f in dec["findings"] if "comparisons" in f), None)
         vs = next((c for c in f4["comparisons"] if c["b"] == "plain"), None) if f4 else None
         lines.append(f"| {name} ({tr['config']['metric_name']}) | {'meaningful' if dec['meaningful']['meaningful'] else 'NOT MEANINGFUL'} | "
                      f"{_ms([e['clean']['metric'] for e in evals(tr, 'plain')])} | {best[0]} {_fmt(best[1]['metric'])} | "
-                     f"{tr['headline']}: {head} | {_pair(vs['clean']) if vs else 'not decided'} | {vs['robust'] if vs else 'not decided'} |")
+                     f"{tr['headline'] + ': ' if tr['headline'] else ''}{head} | {_pair(vs['clean']) if vs else 'not decided'} | {vs['robust'] if vs else 'not decided'} |")
     return lines
 
 
@@ -244,8 +244,11 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     axes[0].set_ylabel(f"drop of test {metric}")
     axes[1].set_ylabel("rise of test loss")
     axes[1].set_yscale("symlog", linthresh=1e-2)
+    grid_eps = [g["eps"] for g in evals(tr, "plain")[0]["grid"]]
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(grid_eps, [f"{e:g}" for e in grid_eps])
+        ax.minorticks_off()
         ax.set_xlabel("layer-relative eps")
     axes[0].legend(fontsize=6)
     fig.suptitle(f"{name}: {attack} corruption (mean ± sd over seeds)")
@@ -269,7 +272,7 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     fig.savefig(out / f"{name}_indicator.png", dpi=110)
     plt.close(fig)
 
-    methods = [m for m in ("plain", tr["headline"]) if m in tr["methods"]]
+    methods = [m for m in ("plain", tr["headline"]) if m and m in tr["methods"]]
     names = [r["name"] for r in evals(tr, methods[0])[0]["layers"]]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
     h = 0.8 / len(methods)

