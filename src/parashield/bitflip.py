@@ -82,6 +82,7 @@ class _Target:
             missing = [n for n, p in zip(quantization.names, quantization.params) if named.get(n) is not p]
             if missing:
                 raise ValueError(f"quantization does not belong to the objective's model: {missing[:3]}")
+            quantization.check_current()
             self.names, self.params, self.q = quantization.names, quantization.params, quantization
             self.ints = quantization.codes
         else:

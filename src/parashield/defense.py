@@ -150,28 +150,35 @@ def _workspace_key(params: Tensors) -> tuple:
 
 
 @contextmanager
-def _frozen_batchnorm_statistics() -> Iterator[None]:
-    """Within the block, every ``_BatchNorm`` that runs in train mode gets its running statistics
-    (and ``num_batches_tracked``) restored bit for bit afterwards: corrupted passes must not move
-    them. A global forward pre-hook finds the modules, so no model handle is needed."""
+def _batchnorm_statistics(restore_on_exit: bool) -> Iterator[Callable[[], None]]:
+    """Within the block, every ``_BatchNorm`` that runs in train mode has its running statistics
+    (and ``num_batches_tracked``) saved before its first forward; yields ``restore()``, which puts
+    them back bit for bit (called on exit when ``restore_on_exit``: corrupted passes must not move
+    them; kept for later when a refused step must undo the clean pass's update). A global
+    forward pre-hook finds the modules, so no model handle is needed."""
     saved: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+
+    def buffers(module: nn.Module) -> Tensors:
+        return [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
 
     def hook(module: nn.Module, args: Any) -> None:
         if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
             if id(module) not in saved:
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                saved[id(module)] = (module, [b.detach().clone() for b in bufs])
+                saved[id(module)] = (module, [b.detach().clone() for b in buffers(module)])
+
+    def restore() -> None:
+        with torch.no_grad():
+            for module, copies in saved.values():
+                for b, c in zip(buffers(module), copies):
+                    b.copy_(c)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield
+        yield restore
     finally:
         handle.remove()
-        with torch.no_grad():
-            for module, copies in saved.values():
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                for b, c in zip(bufs, copies):
-                    b.copy_(c)
+        if restore_on_exit:
+            restore()
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -334,11 +341,14 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
+        undo_clean_statistics: Optional[Callable[[], None]] = None  # a refused step leaves BatchNorm as found
         self._in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in range(self.steps + 1):
-                with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
+                with _batchnorm_statistics(restore_on_exit=t > 0) as restore_statistics, no_sync():
+                    if t == 0:
+                        undo_clean_statistics = restore_statistics
                     yield t
                 with torch.no_grad():
                     grads, seen = ws.take_grads()
@@ -401,6 +411,8 @@ class APD(torch.optim.Optimizer):
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
+            if not self._ready and undo_clean_statistics is not None:
+                undo_clean_statistics()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
