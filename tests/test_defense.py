@@ -991,8 +991,9 @@ def test_checkpoint_load_is_weights_only(tmp_path):
     marker = tmp_path / "pwned"
     payload["extra"] = {"x": _Evil(str(marker))}
     torch.save(payload, tmp_path / "evil.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ps.CheckpointError, match="weights_only") as info:
         ps.load_checkpoint(tmp_path / "evil.pt", model, opt, sched)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not marker.exists()
 
 

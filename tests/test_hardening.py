@@ -74,26 +74,26 @@ def test_load_checkpoint_validates_everything_before_changing_anything(tmp_path)
     rng = torch.get_rng_state()
     torch.manual_seed(123)
     rng = torch.get_rng_state()
-    with pytest.raises(ValueError, match="does not fit the optimizer"):
+    with pytest.raises(ps.CheckpointError, match="does not fit the optimizer"):
         ps.load_checkpoint(path, other, two_groups)
     assert_same_state(other, before)  # the model did not take the checkpoint's weights
     assert torch.equal(torch.get_rng_state(), rng)
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(ps.CheckpointError, match="does not fit the model"):
         ps.load_checkpoint(path, nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)))
 
 
 def test_load_checkpoint_names_foreign_files(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(ps.CheckpointError, match="not a checkpoint"):
         ps.load_checkpoint(text, mlp())
     empty = tmp_path / "empty.pt"
     empty.write_bytes(b"")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(ps.CheckpointError, match="not a checkpoint"):
         ps.load_checkpoint(empty, mlp())
     plain = tmp_path / "state.pt"
     torch.save(mlp().state_dict(), plain)
-    with pytest.raises(ValueError, match="plain state_dict loads with model.load_state_dict"):
+    with pytest.raises(ps.CheckpointError, match="plain state_dict loads with model.load_state_dict"):
         ps.load_checkpoint(plain, mlp())
     with pytest.raises(TypeError, match="model must be"):
         ps.load_checkpoint(plain, "model")

@@ -6,7 +6,7 @@ after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 
 from .bitflip import BitFlipResult, FlipBudget, ProgressiveBitSearch, RandomBitFlip
 from .budget import Budget, Geometry
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .corruption import (
     CorruptionResult,
     GradientCorruption,
@@ -38,6 +38,7 @@ __all__ = [
     "NonFiniteGradientError",
     "OneStepDefense",
     "RandomWeightPerturbation",
+    "CheckpointError",
     "load_checkpoint",
     "save_checkpoint",
     "BitFlipResult",

@@ -52,6 +52,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(ValueError, RuntimeError):
+    """A file that is not a ``save_checkpoint`` checkpoint, or one that does not fit the given
+    model or optimizer. A RuntimeError too, as ``load_state_dict``'s own mismatch errors are."""
+
+
 #: Leaf types a ``weights_only=True`` load accepts (exact types: subclasses pickle by their class).
 _PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.Size, torch.dtype,
                  torch.device, torch.layout, torch.memory_format)
@@ -134,16 +139,16 @@ def save_checkpoint(
 
 
 def _read(path: Union[str, os.PathLike], map_location: Any) -> dict[str, Any]:
-    """The payload of a ``save_checkpoint`` file; ValueError for any other file."""
+    """The payload of a ``save_checkpoint`` file; CheckpointError for any other file."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError,
             ValueError, AttributeError, ImportError, IndexError, KeyError) as exc:
-        raise ValueError(f"{os.fspath(path)} is not a checkpoint that loads with weights_only=True: {exc}") from exc
+        raise CheckpointError(f"{os.fspath(path)} is not a checkpoint that loads with weights_only=True: {exc}") from exc
     keys = ("model", "optimizer", "scheduler", "rng", "extra")
     if not isinstance(payload, dict) or not all(k in payload for k in keys):
         found = sorted(map(str, payload))[:5] if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{os.fspath(path)} was not written by parashield.save_checkpoint (found {found}); a plain "
             "state_dict loads with model.load_state_dict(torch.load(path, weights_only=True))"
         )
@@ -153,16 +158,16 @@ def _read(path: Union[str, os.PathLike], map_location: Any) -> dict[str, Any]:
 def _check_model_state(state: Any, model: nn.Module) -> None:
     """The checks of a strict ``load_state_dict``, made before anything is copied."""
     if not isinstance(state, dict):
-        raise ValueError(f"the checkpoint's model state is a {type(state).__name__}, not a state_dict")
+        raise CheckpointError(f"the checkpoint's model state is a {type(state).__name__}, not a state_dict")
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"the checkpoint does not fit the model: missing keys {missing[:5]}, "
+        raise CheckpointError(f"the checkpoint does not fit the model: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]}")
     for k, v in own.items():
         if isinstance(v, Tensor) and (not isinstance(state[k], Tensor) or state[k].shape != v.shape):
             got = tuple(state[k].shape) if isinstance(state[k], Tensor) else type(state[k]).__name__
-            raise ValueError(f"the checkpoint does not fit the model: {k} is {got} in the checkpoint, "
+            raise CheckpointError(f"the checkpoint does not fit the model: {k} is {got} in the checkpoint, "
                              f"{tuple(v.shape)} in the model")
 
 
@@ -170,11 +175,11 @@ def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer) -> None
     """The checks of ``Optimizer.load_state_dict``, made before anything is copied."""
     groups = state.get("param_groups") if isinstance(state, dict) else None
     if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
-        raise ValueError("the checkpoint's optimizer state is not an optimizer state_dict")
+        raise CheckpointError("the checkpoint's optimizer state is not an optimizer state_dict")
     sizes = [len(g["params"]) for g in optimizer.param_groups]
     saved = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in groups]
     if sizes != saved:
-        raise ValueError(f"the checkpoint does not fit the optimizer: parameter groups of sizes {saved} "
+        raise CheckpointError(f"the checkpoint does not fit the optimizer: parameter groups of sizes {saved} "
                          f"in the checkpoint, {sizes} in the optimizer")
 
 
@@ -189,9 +194,10 @@ def load_checkpoint(
     """Load a checkpoint written by ``save_checkpoint`` (``weights_only=True``) into the given
     objects; returns its ``extra`` data.
 
-    Everything is checked before anything changes: a file that is not such a checkpoint, or whose
-    model or optimizer state does not fit the given ones, raises ValueError with the model,
-    optimizer, scheduler and RNGs untouched."""
+    Everything is checked before anything changes: a file that is not such a checkpoint (also one
+    that the ``weights_only`` unpickler refuses), or whose model or optimizer state does not fit
+    the given ones, raises ``CheckpointError`` with the model, optimizer, scheduler and RNGs
+    untouched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
@@ -202,7 +208,7 @@ def load_checkpoint(
     if optimizer is not None and payload["optimizer"] is not None:
         _check_optimizer_state(payload["optimizer"], optimizer)
     if restore_rng and not isinstance(payload["rng"], dict):
-        raise ValueError("the checkpoint's RNG state is not a dict")
+        raise CheckpointError("the checkpoint's RNG state is not a dict")
     model.load_state_dict(payload["model"])
     if optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
