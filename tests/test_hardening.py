@@ -172,3 +172,250 @@ def test_stale_quantization_is_refused(attack):
     assert_same_state(model, before)
     q = ps.quantize_(model)  # re-quantized: accepted
     assert len(attack(q)(obj).flips) == 1
+
+
+# ------------------------------------------------------------------------------ silently wrong
+def test_critical_eps_refuses_a_nan_metric_and_overflowing_doublings():
+    model = mlp()
+    obj = ps.Objective(model, ce, batch())
+    with pytest.raises(ValueError, match="metric returned NaN on the clean model"):
+        ps.critical_eps(obj, ps.Budget(), lambda m: math.nan, drop=0.1)
+    calls = []
+
+    def nan_when_corrupted(m):
+        calls.append(1)
+        return 1.0 if len(calls) == 1 else math.nan
+
+    with pytest.raises(ValueError, match=r"NaN on eps = 0.05"):
+        ps.critical_eps(obj, ps.Budget(), nan_when_corrupted, drop=0.1, corruption="one_step")
+    with pytest.raises(ValueError, match="max_doublings=1000000 .* at most 1028"):
+        ps.critical_eps(obj, ps.Budget(eps=0.05), lambda m: 1.0, drop=0.1, max_doublings=10**6)
+    with pytest.raises(ValueError, match="eps_start"):
+        ps.critical_eps(obj, ps.Budget(), lambda m: 1.0, drop=0.1, eps_start=-1.0)
+
+
+@pytest.mark.parametrize("method", ["contains", "project", "measure"])
+def test_budget_refuses_fewer_tensors_than_parameters(method):
+    w = [torch.randn(3), torch.randn(2)]
+    budget = ps.Budget("l2", 0.1, scale="layer")
+    with pytest.raises(ValueError, match="deltas has 1 tensors, params has 2"):
+        getattr(budget, method)([torch.zeros(3)], w)  # a layer-scaled contains said True
+    with pytest.raises(ValueError, match="deltas has 0 tensors"):
+        getattr(budget, method)([], w)
+    with pytest.raises(ValueError, match="params is empty"):
+        getattr(budget, method)([], [])
+
+
+def test_zero_row_batch_weighs_zero():
+    model = mlp()
+    x, y = batch()
+    batches = [(x[:5], y[:5]), (x[:0], y[:0]), (x[5:], y[5:])]
+    whole = ps.Objective(model, ce, (x, y))
+    split = ps.Objective(model, ce, batches)
+    assert math.isclose(split.loss(), whole.loss(), rel_tol=1e-6)
+    assert math.isclose(ps.loss_change(split, ps.Budget()), ps.loss_change(whole, ps.Budget()), rel_tol=1e-5)
+    steps = ps.MultiStepCorruption(ps.Budget(), steps=3, per_step="batch")(split)
+    assert all(math.isfinite(v) for v in steps.history)
+    with pytest.raises(ValueError, match="no batch with at least one example"):
+        ps.Objective(model, ce, [(x[:0], y[:0])]).loss()
+
+
+class Counting(nn.Module):
+    """A forward that counts its calls in a buffer, also in eval mode, and replaces the tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("total", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        self.total = self.total + x.sum().detach()  # a new tensor object
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("attack", [
+    lambda obj: ps.MultiStepCorruption(ps.Budget(), steps=3)(obj),
+    lambda obj: ps.RandomCorruption(ps.Budget(), trials=3, vectorize=False)(obj),
+    lambda obj: ps.loss_change(obj, ps.Budget(), "second_order", iters=3),
+    lambda obj: ps.hessian_trace(obj, samples=2),
+])
+def test_buffers_changed_by_an_eval_forward_are_restored(attack):
+    model = Counting()
+    total = model.total
+    before = snapshot(model)
+    attack(ps.Objective(model, ce, batch()))
+    assert_same_state(model, before)
+    assert model.total is total
+
+
+def test_optimizer_step_inside_corrupted_warns():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batch()
+    delta = {"0.weight": torch.full((5, 4), 0.01)}
+    with pytest.warns(RuntimeWarning, match=r"changed inside corrupted\(\).*momentum"):
+        with ps.corrupted(model, delta):
+            ce(model, (x, y)).backward()
+            opt.step()
+    obj = ps.Objective(model, ce, (x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # evaluating, probes included, is what the block is for
+        with ps.corrupted(model, delta):
+            obj.loss()
+            ps.MultiStepCorruption(ps.Budget(), steps=2)(obj)
+
+
+# ------------------------------------------------------------------------------ named errors
+def test_loss_functions_outside_the_contract_get_named_errors():
+    model = mlp()
+    b = batch()
+    budget = ps.Budget()
+    for loss_fn in (lambda m, b: m(b[0]).argmax().float().detach(), lambda m, b: ce(m, b).detach()):
+        obj = ps.Objective(model, loss_fn, b)
+        for call in (lambda: ps.loss_change(obj, budget), lambda: ps.GradientCorruption(budget)(obj),
+                     lambda: ps.MultiStepCorruption(budget, steps=2)(obj), lambda: ps.hessian_trace(obj, samples=1),
+                     lambda: ps.hessian_top_eigenvalue(obj, iters=2), lambda: ps.layer_vulnerability(obj, budget)):
+            with pytest.raises(ValueError, match="does not require grad.*detach"):
+                call()
+    with pytest.raises(TypeError, match="int64 tensor: the loss must be a real floating-point"):
+        ps.Objective(model, lambda m, b: m(b[0]).argmax(), b).loss()
+    with pytest.raises(TypeError, match=r"CrossEntropyLoss takes \(output, target\).*loss_fn\(model, batch\)"):
+        ps.Objective(model, nn.CrossEntropyLoss(), b)
+    with pytest.raises(TypeError, match=r"looks like a function of the model's output.*loss_fn\(model, batch\)"):
+        ps.Objective(model, lambda output, target: nn.functional.cross_entropy(output, target), b)
+
+    def mine(a, b):
+        return nn.functional.cross_entropy(a, b)
+
+    with pytest.raises(TypeError, match=r"failed on the model .*loss_fn\(model, batch\)"):
+        ps.Objective(model, mine, b).loss()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: ps.loss_change(m, ps.Budget()),
+    lambda m: ps.GradientCorruption(ps.Budget())(m),
+    lambda m: ps.RandomCorruption(ps.Budget())(m),
+    lambda m: ps.MultiStepCorruption(ps.Budget())(m),
+    lambda m: ps.hessian_trace(m),
+    lambda m: ps.hessian_top_eigenvalue(m),
+    lambda m: ps.layer_vulnerability(m, ps.Budget()),
+    lambda m: ps.critical_eps(m, ps.Budget(), lambda model: 1.0, drop=0.1),
+    lambda m: ps.RandomBitFlip(1)(m),
+    lambda m: ps.random_direction(m),
+    lambda m: ps.loss_line(m, [], [0.0]),
+])
+def test_a_model_where_an_objective_belongs_says_how_to_build_one(call):
+    with pytest.raises(TypeError, match=r"write|wrap the model as ps.Objective\(model, loss_fn, data\)"):
+        call(mlp())
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda o: ps.hessian_trace(o, seed=None), TypeError, "seed must be an int"),
+    (lambda o: ps.hessian_top_eigenvalue(o, seed=1.5), TypeError, "seed must be an int"),
+    (lambda o: ps.loss_change(o, ps.Budget(), "second_order", seed=None), TypeError, "seed must be an int"),
+    (lambda o: ps.RandomBitFlip(1, seed=2**70), ValueError, r"seed must be an int in \[-2\*\*63, 2\*\*64\)"),
+    (lambda o: ps.hessian_top_eigenvalue(o, tol=math.nan), ValueError, "tol"),
+])
+def test_seeds_and_tolerances_are_checked(call, error, match):
+    with pytest.raises(error, match=match):
+        call(ps.Objective(mlp(), ce, batch()))
+
+
+@pytest.mark.parametrize("data", [(), {}, []])
+def test_empty_data_is_refused_when_the_objective_is_built(data):
+    with pytest.raises(ValueError, match="data is empty"):
+        ps.Objective(mlp(), ce, data)
+
+
+def test_meta_parameters_are_refused():
+    with pytest.raises(ValueError, match="meta device"):
+        ps.Objective(nn.Linear(4, 3, device="meta"), ce, batch())
+
+
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+@pytest.mark.parametrize("kind", ["random", "one_step", "multi_step"])
+def test_mixed_float64_and_float32_parameters_with_sparsity(norm, kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5).double(), nn.Linear(5, 3))
+
+    def loss(m, b):
+        return nn.functional.cross_entropy(m[1](m[0](b[0].double()).float()), b[1])
+
+    obj = ps.Objective(model, loss, batch())
+    before = snapshot(model)
+    budget = ps.Budget(norm, 0.1, sparsity=3)
+    result = ps.make_corruption(kind, budget)(obj)
+    assert all(result.delta[n].dtype == p.dtype for n, p in model.named_parameters())
+    assert sum(int(d.count_nonzero()) for d in result.delta.values()) <= 3
+    assert budget.contains([result.delta[n] for n in obj.names], obj.params)
+    assert_same_state(model, before)
+
+
+def test_non_tensor_corruption_values_are_refused():
+    model = mlp()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="values must be tensors, got '0.weight': float"):
+        with ps.corrupted(model, {"0.weight": 0.5}):
+            pass
+    assert_same_state(model, before)
+
+
+def test_apd_presets_say_which_arguments_they_fix():
+    params = list(mlp().parameters())
+    with pytest.raises(TypeError, match="SAM does not take steps=.*APD"):
+        ps.SAM(params, torch.optim.SGD, lr=0.1, steps=3)
+    with pytest.raises(TypeError, match="OneStepDefense does not take include_clean="):
+        ps.OneStepDefense(params, torch.optim.SGD, lr=0.1, include_clean=False)
+    with pytest.raises(TypeError, match="RandomWeightPerturbation does not take corruption="):
+        ps.RandomWeightPerturbation(params, torch.optim.SGD, lr=0.1, corruption="adversarial")
+    for kwargs in (dict(lr=math.nan), dict(lr=0.1, momentum=math.inf), dict(lr=0.1, betas=(0.9, math.nan))):
+        with pytest.raises(ValueError, match="must be finite"):
+            ps.APD(params, torch.optim.Adam if "betas" in kwargs else torch.optim.SGD, **kwargs)
+
+
+def test_apd_closure_returning_a_non_scalar_fails_at_the_first_pass():
+    model = mlp()
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1, steps=3)
+    x, y = batch()
+    calls = []
+    before = snapshot(model)
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        losses = nn.functional.cross_entropy(model(x), y, reduction="none")
+        losses.mean().backward()
+        return losses
+
+    with pytest.raises(ValueError, match=r"closure must return the scalar loss .* shape \(8,\) in pass t = 0"):
+        opt.step(closure)
+    assert len(calls) == 1
+    after = snapshot(model)
+    assert all(torch.equal(before["params"][n], after["params"][n]) for n in before["params"])
+
+
+def test_a_parameter_frozen_after_the_objective_is_built_is_skipped():
+    model = mlp()
+    obj = ps.Objective(model, ce, batch())
+    model[0].weight.requires_grad_(False)
+    before = snapshot(model)
+    for result in (ps.GradientCorruption(ps.Budget())(obj), ps.MultiStepCorruption(ps.Budget(), steps=2)(obj),
+                   ps.RandomCorruption(ps.Budget(), trials=2)(obj)):
+        assert "0.weight" not in result.delta and "2.weight" in result.delta
+    assert math.isfinite(ps.loss_change(obj, ps.Budget(), "second_order", iters=3))
+    assert math.isfinite(ps.hessian_trace(obj, samples=2))
+    assert_same_state(model, before)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="every parameter of the objective was frozen"):
+        obj.loss()
+
+
+def test_params_accepts_a_list_of_module_classes():
+    model = nn.Sequential(nn.Conv1d(2, 3, 3), nn.Flatten(), nn.Linear(3, 2))
+    as_list = ps.Objective(model, ce, batch(), params=[nn.Conv1d]).names
+    as_tuple = ps.Objective(model, ce, batch(), params=(nn.Conv1d,)).names
+    assert as_list == as_tuple == ["0.weight", "0.bias"]

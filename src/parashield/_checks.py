@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
+from torch import nn
+
 from .budget import Budget
+from .objective import Objective
 
 
 def check_count(name: str, value: object) -> int:
@@ -16,11 +19,37 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_real(name: str, value: object, positive: bool = False) -> float:
+    """A finite real number >= 0 (> 0 with ``positive``; bools are refused)."""
+    what = "a finite positive number" if positive else "a finite number >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64)
+
+
 def check_seed(value: object) -> int:
-    """An int (bools are refused)."""
+    """An int that seeds a ``torch.Generator`` (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {value}")
     return value
+
+
+def check_objective(objective: object) -> Objective:
+    """An Objective; a model in its place gets an error saying how to build one."""
+    if isinstance(objective, Objective):
+        return objective
+    hint = ""
+    if isinstance(objective, nn.Module):
+        hint = ": wrap the model as ps.Objective(model, loss_fn, data), with loss_fn(model, batch) -> scalar loss"
+    raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}{hint}")
 
 
 def check_vectorize(value: object) -> object:

@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_count, check_seed
+from ._checks import check_count, check_objective, check_seed
 from .corruption import CorruptionResult, corrupted
 from .objective import Objective, overflow_to_inf
 from .quantization import Int8Quantization
@@ -75,6 +75,7 @@ class _Target:
     float parameters themselves, seen as integers of the same width."""
 
     def __init__(self, objective: Objective, quantization: Optional[Int8Quantization], bits: Bits) -> None:
+        check_objective(objective)
         if quantization is not None:
             if not isinstance(quantization, Int8Quantization):
                 raise TypeError(f"quantization must be an Int8Quantization from quantize_(), got {type(quantization).__name__}")

@@ -5,6 +5,7 @@ and ``corrupted``, the context manager that applies one and restores the model b
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -12,9 +13,9 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_seed, check_vectorize, step_size_or_default
+from ._checks import check_budget, check_count, check_objective, check_seed, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
-from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
+from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
 
 Tensors = list[Tensor]
 
@@ -132,6 +133,7 @@ class RandomCorruption:
             yield from _unstack(chunk)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
+        check_objective(objective)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             losses: list[float] = []
@@ -156,6 +158,7 @@ class GradientCorruption:
         self.budget = check_budget(budget)
 
     def __call__(self, objective: Objective) -> CorruptionResult:
+        check_objective(objective)
         with objective.probe() as pr:
             loss, grads = pr.gradient()
             delta = self.budget.steepest_(grads, pr.clean)
@@ -228,12 +231,14 @@ class MultiStepCorruption:
         while True:
             yielded = False
             for batch in objective.batches():
-                yielded = True
-                yield batch
+                if batch_size(batch) > 0:  # a batch of 0 rows has no gradient to step along
+                    yielded = True
+                    yield batch
             if not yielded:
-                raise ValueError("data yielded no batch")
+                raise ValueError(NO_EXAMPLE)
 
     def __call__(self, objective: Objective) -> CorruptionResult:
+        check_objective(objective)
         gen = torch.Generator().manual_seed(self.seed)
         exact = self.per_step == "full"
         with objective.probe() as pr:
@@ -283,13 +288,27 @@ def make_corruption(kind: str, budget: Budget, **kwargs) -> Union[RandomCorrupti
     return _KINDS[kind](budget, **kwargs)
 
 
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaN payloads included, which ``torch.equal`` calls different)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if a.dtype != b.dtype or a.shape != b.shape or a.is_complex() or a.element_size() not in ints:
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return torch.equal(a.view(ints[a.element_size()]), b.view(ints[a.element_size()]))
+
+
 @contextmanager
 def corrupted(
     model: nn.Module, corruption: Union[CorruptionResult, Mapping[str, Tensor]]
 ) -> Iterator[nn.Module]:
     """Apply a corruption (a result or ``{name: delta}``) to ``model``'s parameters in place, and
     restore every touched parameter bit for bit on exit (exceptions and KeyboardInterrupt too).
+
+    The block is for evaluating the corrupted model: a change made to the touched parameters inside
+    it (an optimizer step, say) is undone on exit with the rest, while what it left elsewhere (the
+    optimizer's momentum) stays; such a change is reported with a ``RuntimeWarning``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     exact = isinstance(corruption, CorruptionResult) and corruption.values is not None
     if isinstance(corruption, CorruptionResult):
         delta = corruption.values if exact else corruption.delta
@@ -298,6 +317,9 @@ def corrupted(
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
     named = dict(model.named_parameters())
+    wrong = [f"{n!r}: {type(v).__name__}" for n, v in delta.items() if not isinstance(v, Tensor)]
+    if wrong:
+        raise TypeError(f"corruption values must be tensors, got {', '.join(wrong[:3])}")
     unknown = [n for n in delta if n not in named]
     if unknown:
         raise ValueError(f"corruption names parameters the model does not have: {unknown[:5]}")
@@ -306,11 +328,20 @@ def corrupted(
         if tuple(delta[n].shape) != tuple(p.shape):
             raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")
     saved = [p.detach().clone() for p in params]
+    versions: list[int] = []
     try:
         with torch.no_grad():
             moved = [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)]
             (torch._foreach_copy_ if exact else torch._foreach_add_)(params, moved)
+        versions = [p._version for p in params]  # in-place changes inside the block bump them
         yield model
     finally:
-        with torch.no_grad():
+        with torch.no_grad():  # a version bump alone may be a probe that moved and restored the parameters
+            changed = [n for n, p, v, m, s in zip(delta, params, versions, moved, saved)
+                       if p._version != v and not _same_bits(p, m if exact else s + m)] if versions else []
             torch._foreach_copy_(params, saved)
+        if changed:
+            warnings.warn(
+                f"parameters {changed[:3]} were changed inside corrupted(): the change is discarded on exit, when the "
+                "clean values come back (an optimizer step there is lost while its momentum/state is kept); train "
+                "outside the block", RuntimeWarning, stacklevel=3)

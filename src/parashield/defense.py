@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
@@ -109,6 +109,26 @@ class _Workspace:
             return grads, corrupted, corrupted
         torch._foreach_copy_(self.work.views, grads)
         return self.work.flats, self.work.flats, self.work.views
+
+
+def _check_base_kwargs(kwargs: dict) -> None:
+    """Numbers given to the base optimizer must be finite: torch's own range checks let NaN
+    through (``nan < 0`` is False); the base optimizer checks the rest."""
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, Tensor) and v.numel() == 1:
+                v = float(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _fixed_by_preset(preset: str, kwargs: dict, fixed: dict[str, str]) -> None:
+    """A preset sets some APD arguments itself: giving one again is an error that says why."""
+    given = [k for k in fixed if k in kwargs]
+    if given:
+        k = given[0]
+        raise TypeError(f"{preset} does not take {k}=: {fixed[k]}")
 
 
 def _distributed() -> bool:
@@ -241,6 +261,7 @@ class APD(torch.optim.Optimizer):
         if not isinstance(include_clean, bool):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
         check_seed(seed)
+        _check_base_kwargs(base_kwargs)
         if distributed == "local" and model is None and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "
@@ -424,10 +445,17 @@ class APD(torch.optim.Optimizer):
                 raise RuntimeError("step() without a closure needs a completed trajectory() first")
             self._ready = False
             return self.base_optimizer.step()
+        if not callable(closure):
+            raise TypeError(f"closure must be callable (zero_grad, forward, backward, return the loss), got {type(closure).__name__}")
         losses: list = []
-        for _ in self._trajectory(None, losses):
-            with torch.enable_grad():
-                losses.append(closure())
+        with closing(self._trajectory(None, losses)) as passes:  # an error in a pass restores w at once
+            for t in passes:
+                with torch.enable_grad():
+                    loss = closure()
+                if isinstance(loss, Tensor) and loss.numel() != 1:  # found at the first pass, not after all
+                    raise ValueError(f"closure must return the scalar loss of the batch, got a tensor of shape "
+                                     f"{tuple(loss.shape)} in pass t = {t}")
+                losses.append(loss)
         self._ready = False
         self.base_optimizer.step()
         return losses[0]
@@ -473,6 +501,13 @@ class SAM(APD):
 
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.01, **kwargs: Any) -> None:
+        _fixed_by_preset("SAM", kwargs, {
+            "steps": "SAM is one ascent step; for several use APD(steps=K, include_clean=False, budget=...)",
+            "include_clean": "SAM averages only the corrupted pass; APD(include_clean=True) averages the clean one too",
+            "budget": "SAM's budget is the L2 ball of radius rho (element-scaled with adaptive=True); pass rho=",
+            "step_size": "SAM's step is the whole radius rho",
+            "corruption": "SAM's corruption is adversarial; RandomWeightPerturbation is the random one",
+        })
         rho = _check_rho(rho)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
@@ -486,6 +521,11 @@ class OneStepDefense(APD):
     the clean gradient and the gradient at the one-step corruption."""
 
     def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, **kwargs: Any) -> None:
+        _fixed_by_preset("OneStepDefense", kwargs, {
+            "steps": "it is one corruption step; APD(steps=K) is the multi-step defense",
+            "include_clean": "it averages the clean and the corrupted gradient; use APD for other averages",
+            "corruption": "its corruption is the one-step adversarial one; RandomWeightPerturbation is the random one",
+        })
         super().__init__(params, base_optimizer, budget=budget, steps=1, include_clean=True, **kwargs)
 
 
@@ -495,5 +535,8 @@ class RandomWeightPerturbation(APD):
 
     def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, steps: int = 1,
                  include_clean: bool = False, **kwargs: Any) -> None:
+        _fixed_by_preset("RandomWeightPerturbation", kwargs, {
+            "corruption": "its corruptions are random; APD(corruption='adversarial') is the adversarial defense",
+        })
         super().__init__(params, base_optimizer, budget=budget, steps=steps, include_clean=include_clean,
                          corruption="random", **kwargs)

@@ -9,13 +9,14 @@ work on flat float64 vectors of the selected parameters.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count
+from ._checks import check_budget, check_count, check_objective, check_real, check_seed
 from .budget import Budget, _flat, _unflat_
 from .corruption import (
     GradientCorruption,
@@ -37,9 +38,8 @@ def loss_change(objective: Objective, budget: Budget, method: str = "first_order
     random boundary corruptions; kwargs ``trials``, ``seed``), ``"one_step"`` and ``"multi_step"``
     (the change the corruption reaches; kwargs of ``MultiStepCorruption`` such as ``steps``).
     """
+    check_objective(objective)
     check_budget(budget)
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}")
     if method == "first_order":
         _no_kwargs(method, kwargs)
         with objective.probe() as pr:
@@ -176,7 +176,10 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
     gradient ascent on the model with step ``1 / |lambda_max|``, ``iters`` steps from each of two
     starts (the one-step corruption and a random boundary point, seeded), keeping the best.
     """
+    check_objective(objective)
+    check_budget(budget)
     check_count("iters", iters)
+    check_seed(seed)
     with objective.probe() as pr:
         _, grads = pr.gradient()
         g = _flat(grads).double()
@@ -244,7 +247,10 @@ def hessian_top_eigenvalue(
     ``method="lanczos"`` (default; ``iters`` Krylov vectors, converges much faster) or
     ``"power"`` (power iteration until the Rayleigh quotient changes by less than ``tol``).
     """
+    check_objective(objective)
     check_count("iters", iters)
+    check_real("tol", tol)
+    check_seed(seed)
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     with objective.probe() as pr:
@@ -261,7 +267,9 @@ def hessian_top_eigenvalue(
 
 def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> float:
     """Hutchinson estimate ``E[v.H.v]`` of the Hessian trace with Rademacher vectors (seeded)."""
+    check_objective(objective)
     check_count("samples", samples)
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     with objective.probe() as pr:
@@ -292,6 +300,8 @@ def layer_vulnerability(
     their owning module. ``first_order`` reuses one gradient for all layers; other methods run
     once per layer.
     """
+    check_objective(objective)
+    check_budget(budget)
     if by not in ("parameter", "module"):
         raise ValueError(f"by must be 'parameter' or 'module', got {by!r}")
     groups: dict[str, list[int]] = {}
@@ -334,12 +344,30 @@ def critical_eps(
     times between the last eps without the drop and the first with it; it assumes the drop grows
     with eps and returns the upper end of the final bracket.
     """
+    check_objective(objective)
     check_budget(budget)
     check_count("iters", iters)
     check_count("max_doublings", max_doublings)
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(model) -> float, got {type(metric).__name__}")
     if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
         raise ValueError(f"drop must be a finite positive number, got {drop!r}")
+    start = budget.eps if eps_start is None else check_real("eps_start", eps_start, positive=True)
+    hi, lo = start or 1e-3, 0.0
+    try:
+        math.ldexp(hi, max_doublings)
+    except OverflowError:
+        raise ValueError(f"max_doublings={max_doublings} doubles eps {hi:g} past the largest float; "
+                         f"at most {math.floor(math.log2(sys.float_info.max) - math.log2(hi))} doublings are possible") from None
+    make_corruption(corruption, budget, **corruption_kwargs)  # a bad name or option fails before any work
     model = objective.model
+
+    def value(eps: Optional[float]) -> float:
+        out = float(metric(model))
+        if math.isnan(out):
+            where = "the clean model" if eps is None else f"eps = {eps:g}"
+            raise ValueError(f"metric returned NaN on {where}: a drop cannot be measured from NaN")
+        return out
 
     def measured(eps: float) -> float:
         with preserved_modes(model, False):
@@ -349,15 +377,14 @@ def critical_eps(
                 values = []
                 for delta in rc.samples(objective):
                     with corrupted(model, dict(zip(objective.names, delta))):
-                        values.append(float(metric(model)))
+                        values.append(value(eps))
                 return sum(values) / len(values)
             result = make_corruption(corruption, b, **corruption_kwargs)(objective)
             with corrupted(model, result):
-                return float(metric(model))
+                return value(eps)
 
     with preserved_modes(model, False):
-        base = float(metric(model))
-    hi, lo = float(eps_start if eps_start is not None else budget.eps) or 1e-3, 0.0
+        base = value(None)
     for _ in range(max_doublings + 1):
         if base - measured(hi) >= drop:
             break

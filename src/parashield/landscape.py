@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_seed, check_vectorize
+from ._checks import check_count, check_objective, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
 from .corruption import CORRUPTION_KINDS, make_corruption
@@ -40,6 +40,7 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
     norm of the same filter of w, and parameters with one dimension (biases, norm layers) get a
     zero direction, the usual convention: their scale is not comparable to the weights'.
     """
+    check_objective(objective)
     check_seed(seed)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
@@ -62,6 +63,7 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
 def corruption_direction(objective: Objective, kind: str, budget: Budget, **kwargs: Any) -> Tensors:
     """The delta of the corruption ``make_corruption(kind, budget, **kwargs)`` finds on
     ``objective``, in ``objective.params`` order: ``alpha = 1`` is that corruption."""
+    check_objective(objective)
     if kind not in CORRUPTION_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, CORRUPTION_KINDS))}; got {kind!r}")
     result = make_corruption(kind, budget, **kwargs)(objective)
@@ -71,6 +73,7 @@ def corruption_direction(objective: Objective, kind: str, budget: Budget, **kwar
 # ------------------------------------------------------------------------------ evaluation
 def _check_direction(objective: Objective, direction: object, name: str) -> Tensors:
     """``direction`` as detached tensors on each parameter's device and dtype, checked."""
+    check_objective(objective)
     if not isinstance(direction, Sequence):
         raise TypeError(f"{name} must be a list of tensors aligned with objective.params, got {type(direction).__name__}")
     if len(direction) != len(objective.params):
