@@ -419,3 +419,87 @@ def test_params_accepts_a_list_of_module_classes():
     as_list = ps.Objective(model, ce, batch(), params=[nn.Conv1d]).names
     as_tuple = ps.Objective(model, ce, batch(), params=(nn.Conv1d,)).names
     assert as_list == as_tuple == ["0.weight", "0.bias"]
+
+
+# ------------------------------------------------------------------------------ long work shows progress
+class RecordedBar:
+    """Stands in for tqdm: records each bar's description, iterates like the plain iterable."""
+
+    made: list = []
+
+    def __init__(self, iterable, **kw) -> None:
+        self.iterable = iterable
+        RecordedBar.made.append(kw.get("desc"))
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+
+@pytest.fixture
+def bars(monkeypatch):
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    monkeypatch.setattr(tqdm_auto, "tqdm", RecordedBar)
+    monkeypatch.delenv("PARASHIELD_PROGRESS", raising=False)
+    RecordedBar.made = []
+    yield RecordedBar.made
+    ps.set_progress(None)
+
+
+LONG_LOOPS = [
+    ("random trials", lambda obj, q: ps.RandomCorruption(ps.Budget(), trials=3)(obj)),
+    ("multi-step corruption", lambda obj, q: ps.MultiStepCorruption(ps.Budget(), steps=2)(obj)),
+    ("Hessian trace", lambda obj, q: ps.hessian_trace(obj, samples=2)),
+    ("Lanczos", lambda obj, q: ps.hessian_top_eigenvalue(obj, iters=2)),
+    ("power iteration", lambda obj, q: ps.hessian_top_eigenvalue(obj, iters=2, method="power")),
+    ("second-order ascent", lambda obj, q: ps.loss_change(obj, ps.Budget("linf", 0.01), "second_order", iters=2)),
+    ("progressive bit search", lambda obj, q: ps.ProgressiveBitSearch(q, max_flips=1)(obj)),
+    ("layer vulnerability (one_step)", lambda obj, q: ps.layer_vulnerability(obj, ps.Budget(), "one_step")),
+    ("critical eps: doubling", lambda obj, q: ps.critical_eps(obj, ps.Budget(), lambda m: 1.0, drop=0.5,
+                                                              corruption="one_step", max_doublings=2)),
+]
+
+
+@pytest.mark.parametrize("desc, run", LONG_LOOPS, ids=[d for d, _ in LONG_LOOPS])
+def test_long_loops_show_a_bar_and_one_switch_silences_them(bars, monkeypatch, desc, run):
+    model = mlp()
+    q = ps.quantize_(model)
+    obj = ps.Objective(model, ce, batch())
+    run(obj, q)
+    assert desc in bars
+    bars.clear()
+    ps.set_progress(False)
+    run(obj, q)
+    assert bars == []
+    ps.set_progress(None)
+    monkeypatch.setenv("PARASHIELD_PROGRESS", "0")
+    run(obj, q)
+    assert bars == []
+
+
+def test_apd_shows_a_bar_only_for_long_trajectories(bars):
+    model = mlp()
+    x, y = batch()
+    for steps, shown in ((3, False), (60, True)):
+        opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.01, steps=steps)
+        bars.clear()
+        opt.step(lambda: (opt.zero_grad(), ce(model, (x, y)).backward())[0] or ce(model, (x, y)))
+        assert ("APD passes" in bars) == shown
+
+
+def test_set_progress_takes_a_bool_or_none():
+    with pytest.raises(TypeError, match="True, False or None"):
+        ps.set_progress(0)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda obj, d: ps.hessian_top_eigenvalue(obj, iters=10**9), r"Lanczos vectors .* would need"),
+    (lambda obj, d: ps.RandomCorruption(ps.Budget(), trials=10**12, chunk_size=10**12)(obj), "chunk_size"),
+    (lambda obj, d: ps.loss_surface(obj, d, d, torch.zeros(10**6 + 1), torch.zeros(10**6 + 1)), "alphas x betas"),
+    (lambda obj, d: ps.loss_line(obj, d, torch.zeros(10**6), batch_size=10**12), "batch_size"),
+])
+def test_sizes_that_can_only_exhaust_memory_are_refused_up_front(call, match):
+    model = nn.Linear(2000, 2000)  # 4 million parameters
+    obj = ps.Objective(model, lambda m, b: m(b).pow(2).mean(), torch.randn(2, 2000))
+    d = [torch.zeros_like(p) for p in obj.params]
+    with pytest.raises(ValueError, match=match + r".*GiB, more than the"):
+        call(obj, d)

@@ -5,6 +5,7 @@ after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 """
 
 from .bitflip import BitFlipResult, FlipBudget, ProgressiveBitSearch, RandomBitFlip
+from ._progress import set_progress
 from .budget import Budget, Geometry
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .corruption import (
@@ -69,4 +70,5 @@ __all__ = [
     "quantize_",
     "random_direction",
     "select_parameters",
+    "set_progress",
 ]

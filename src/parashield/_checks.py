@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 
+import torch
 from torch import nn
 
 from .budget import Budget
@@ -40,6 +43,27 @@ def check_seed(value: object) -> int:
     if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
         raise ValueError(f"seed must be an int in [-2**63, 2**64), got {value}")
     return value
+
+
+def memory_of(device: torch.device) -> int:
+    """Total memory in bytes of ``device`` (RAM for the CPU); ``sys.maxsize`` when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return sys.maxsize
+
+
+def check_memory(nbytes: float, what: str, device: torch.device) -> None:
+    """Refuse up front a size that can only exhaust the memory: ``what`` (naming the argument
+    that sets it) would need ``nbytes``, more than ``device`` has in all."""
+    have = memory_of(device)
+    if nbytes > have:
+        raise ValueError(f"{what} would need {nbytes / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
+                         f"of memory of the {device.type} device")
 
 
 def check_objective(objective: object) -> Objective:

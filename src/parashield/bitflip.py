@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_count, check_objective, check_seed
+from ._progress import progress
 from .corruption import CorruptionResult, corrupted
 from .objective import Objective, overflow_to_inf
 from .quantization import Int8Quantization
@@ -248,7 +249,9 @@ class ProgressiveBitSearch:
         with sub.probe() as pr, torch.no_grad():  # the probe restores the parameters on exit
             if self.metric is not None:
                 metrics.append(float(self.metric(objective.model)))
-            while len(flips) < self.max_flips and not (metrics and self.target is not None and metrics[-1] <= self.target):
+            for _ in progress(range(self.max_flips), desc="progressive bit search", unit="flip", leave=False):
+                if metrics and self.target is not None and metrics[-1] <= self.target:
+                    break
                 loss, grads = pr.gradient(check=False)
                 passes += 1
                 if float(loss) == math.inf:  # a flip made the loss or its gradient overflow: nothing to rank by

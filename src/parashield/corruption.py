@@ -13,7 +13,8 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_objective, check_seed, check_vectorize, step_size_or_default
+from ._checks import check_budget, check_count, check_memory, check_objective, check_seed, check_vectorize, step_size_or_default
+from ._progress import progress
 from .budget import Budget, Geometry
 from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
 
@@ -134,10 +135,13 @@ class RandomCorruption:
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
         check_objective(objective)
+        chunk = min(self.chunk_size, self.trials)  # float64 directions, then the stacked parameter sets
+        check_memory(16 * chunk * objective.numel, f"a chunk of {chunk} trials (chunk_size)", objective.device)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             losses: list[float] = []
-            chunks = pr.stacked_losses_of(self.sample_chunks(objective), self.vectorize, "random trials")
+            chunks = progress(pr.stacked_losses_of(self.sample_chunks(objective), self.vectorize, "random trials"),
+                              total=-(-self.trials // self.chunk_size), desc="random trials", unit="chunk", leave=False)
             worst, worst_loss = None, -math.inf
             for chunk, values in chunks:
                 chunk_losses = [overflow_to_inf(v) for v in values.tolist()]
@@ -249,7 +253,8 @@ class MultiStepCorruption:
             geometry = Geometry(pr.clean)  # w is fixed during the attack: scales computed once
             for restart in range(self.restarts):
                 delta = self._start(pr, restart, gen)
-                for t in range(self.steps):
+                desc = "multi-step corruption" + (f" (restart {restart + 1}/{self.restarts})" if self.restarts > 1 else "")
+                for t in progress(range(self.steps), desc=desc, unit="step", leave=False):
                     pr.set(delta)
                     loss, grads = pr.gradient(next(data), check=False)
                     passes += 1

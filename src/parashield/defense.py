@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._checks import check_budget, check_count, check_seed, step_size_or_default
+from ._progress import progress
 from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
@@ -366,7 +367,7 @@ class APD(torch.optim.Optimizer):
         self._in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
-            for t in range(self.steps + 1):
+            for t in progress(range(self.steps + 1), min_total=50, desc="APD passes", unit="pass", leave=False):
                 with _batchnorm_statistics(restore_on_exit=t > 0) as restore_statistics, no_sync():
                     if t == 0:
                         undo_clean_statistics = restore_statistics

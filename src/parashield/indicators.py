@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_objective, check_real, check_seed
+from ._checks import check_budget, check_count, check_memory, check_objective, check_real, check_seed
+from ._progress import progress
 from .budget import Budget, _flat, _unflat_
 from .corruption import (
     GradientCorruption,
@@ -91,9 +92,11 @@ def _lanczos(
     trust-region "hard case" needs eigenvectors the start is orthogonal to."""
     k = start.numel()
     m_max = min(iters, k)
+    # the basis and its stacked copy: two (m, k) float64 matrices
+    check_memory(2 * 8 * m_max * k, f"{m_max} Lanczos vectors of {k} parameters (iters={iters})", start.device)
     q = start / torch.linalg.vector_norm(start)
     basis, alphas, betas = [q], [], []
-    for j in range(m_max):
+    for j in progress(range(m_max), desc="Lanczos", unit="hvp", leave=False):
         w = op(basis[j])
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)
@@ -205,7 +208,7 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
         def ascend(parts: list[Tensor]) -> float:
             a = _flat(parts).double()
             best = -math.inf
-            for _ in range(iters):
+            for _ in progress(range(iters), desc="second-order ascent", unit="step", leave=False):
                 ha = op(a)
                 best = max(best, float(g @ a + 0.5 * (a @ ha)))
                 _unflat_(parts, (a + step * (g + ha)).to(parts[0].dtype))
@@ -226,7 +229,7 @@ def _power_iteration(op, k: int, iters: int, tol: float, seed: int, device) -> f
     v = torch.randn(k, generator=gen, dtype=torch.float64).to(device)
     v /= torch.linalg.vector_norm(v)
     value = 0.0
-    for _ in range(iters):
+    for _ in progress(range(iters), desc="power iteration", unit="hvp", leave=False):
         hv = op(v)
         new = float(v @ hv)
         norm = torch.linalg.vector_norm(hv)
@@ -275,7 +278,7 @@ def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> fl
     with objective.probe() as pr:
         check_finite(pr.loss(), "loss")
         op = _FlatHessian(pr)
-        for _ in range(samples):
+        for _ in progress(range(samples), desc="Hessian trace", unit="sample", leave=False):
             v = (torch.randint(0, 2, (objective.numel,), generator=gen).double() * 2 - 1).to(objective.device)
             total += float(v @ op(v))
     return total / samples
@@ -317,7 +320,7 @@ def layer_vulnerability(
                 value = budget.ascent_value([grads[i] for i in idx], [pr.clean[i] for i in idx])
                 rows.append(LayerVulnerability(key, sum(objective.params[i].numel() for i in idx), float(value)))
     else:
-        for key, idx in groups.items():
+        for key, idx in progress(groups.items(), desc=f"layer vulnerability ({method})", unit="layer", leave=False):
             sub = objective.restrict([objective.params[i] for i in idx])  # tensors: names may hold glob characters
             rows.append(LayerVulnerability(key, sub.numel, loss_change(sub, budget, method, **kwargs)))
     return sorted(rows, key=lambda r: r.value, reverse=True)
@@ -385,13 +388,13 @@ def critical_eps(
 
     with preserved_modes(model, False):
         base = value(None)
-    for _ in range(max_doublings + 1):
+    for _ in progress(range(max_doublings + 1), desc="critical eps: doubling", unit="eps", leave=False):
         if base - measured(hi) >= drop:
             break
         lo, hi = hi, 2 * hi
     else:
         return math.inf
-    for _ in range(iters):
+    for _ in progress(range(iters), desc="critical eps: bisection", unit="eps", leave=False):
         mid = 0.5 * (lo + hi)
         if base - measured(mid) >= drop:
             hi = mid

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_objective, check_seed, check_vectorize
+from ._checks import check_count, check_memory, check_objective, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
 from .corruption import CORRUPTION_KINDS, make_corruption
@@ -116,6 +116,8 @@ def _losses_at(objective: Objective, directions: Sequence[Tensors], coords: Tens
     """
     size = DEFAULT_BATCH_SIZE if batch_size is None else check_count("batch_size", batch_size)
     check_vectorize(vectorize)
+    chunk = min(size, len(coords))
+    check_memory(8 * chunk * objective.numel, f"a chunk of {chunk} points (batch_size)", objective.device)
 
     # Per parameter the directions stacked (K, *shape): a chunk of points is one tensordot each.
     stacked = [torch.stack(column) for column in zip(*directions)]
@@ -151,6 +153,8 @@ def loss_surface(objective: Objective, d1: Sequence[Tensor], d2: Sequence[Tensor
     float64; evaluation and non-finite losses as in ``loss_line``."""
     dirs = [_check_direction(objective, d1, "d1"), _check_direction(objective, d2, "d2")]
     a, b = _check_coords(alphas, "alphas"), _check_coords(betas, "betas")
+    # the grid's coordinates, losses and their copies: ~48 bytes a point
+    check_memory(48 * len(a) * len(b), f"a grid of {len(a)} x {len(b)} points (alphas x betas)", torch.device("cpu"))
     grid = torch.cartesian_prod(a, b)  # row-major: alpha i, beta j is row i * len(b) + j
     return _losses_at(objective, dirs, grid, batch_size, vectorize, "loss surface").reshape(len(a), len(b))
 
