@@ -503,3 +503,25 @@ def test_sizes_that_can_only_exhaust_memory_are_refused_up_front(call, match):
     d = [torch.zeros_like(p) for p in obj.params]
     with pytest.raises(ValueError, match=match + r".*GiB, more than the"):
         call(obj, d)
+
+
+# ------------------------------------------------------------------------------ summaries
+def test_results_print_as_summaries_not_tensors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 40), nn.Linear(40, 3))
+    obj = ps.Objective(model, ce, (torch.randn(8, 40), torch.randint(0, 3, (8,))))
+    q = ps.quantize_(model)
+    shown = {
+        "Objective": repr(obj),
+        "CorruptionResult": repr(ps.MultiStepCorruption(ps.Budget(), steps=2)(obj)),
+        "RandomCorruptionResult": repr(ps.RandomCorruption(ps.Budget(), trials=3)(obj)),
+        "Int8Quantization": repr(q),
+        "BitFlipResult": repr(ps.RandomBitFlip(5, quantization=q)(obj)),
+        "LayerVulnerability": repr(ps.layer_vulnerability(obj, ps.Budget())[0]),
+    }
+    for name, text in shown.items():
+        assert text.startswith(name + "(") and "tensor(" not in text and len(text) < 400, text
+    assert "loss " in shown["CorruptionResult"] and "3 tensors" not in shown["CorruptionResult"]
+    assert "trials=3, mean change" in shown["RandomCorruptionResult"]
+    assert "flips=5: " in shown["BitFlipResult"] and ", ..." in shown["BitFlipResult"]
+    assert "2 tensors, 1720 codes" in shown["Int8Quantization"]

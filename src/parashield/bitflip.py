@@ -47,7 +47,7 @@ class FlipBudget:
     bits: tuple[int, ...]
 
 
-@dataclass
+@dataclass(repr=False)
 class BitFlipResult(CorruptionResult):
     """A bit-flip corruption: ``flips`` lists (name, flat index, bit) in the order applied,
     ``values`` the flipped parameters; ``history``/``metric_history`` the loss/metric after 0, 1,
@@ -69,6 +69,10 @@ class BitFlipResult(CorruptionResult):
             "flipped": [list(f) for f in self.flips],
             "passes": self.passes,
         }
+
+    def _repr_extra(self) -> str:
+        shown = ", ".join(f"{n}[{i}] bit {b}" for n, i, b in self.flips[:3]) + (", ..." if len(self.flips) > 3 else "")
+        return f", flips={len(self.flips)}: {shown}" if self.flips else ", flips=0"
 
 
 class _Target:

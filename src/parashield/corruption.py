@@ -21,7 +21,7 @@ from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check
 Tensors = list[Tensor]
 
 
-@dataclass
+@dataclass(repr=False)
 class CorruptionResult:
     """What a corruption found.
 
@@ -45,6 +45,17 @@ class CorruptionResult:
     def loss_change(self) -> float:
         return self.loss_after - self.loss_before
 
+    def _repr_extra(self) -> str:
+        """What a subclass adds to the summary."""
+        return ""
+
+    def __repr__(self) -> str:
+        """A one-line summary; the tensors are in ``delta`` / ``values``."""
+        entries = sum(d.numel() for d in self.delta.values())
+        return (f"{type(self).__name__}(method={self.method!r}, budget={self.budget}, loss {self.loss_before:.6g} -> "
+                f"{self.loss_after:.6g} (change {self.loss_change:+.6g}), {len(self.delta)} tensors / {entries} entries, "
+                f"passes={self.passes}{self._repr_extra()})")
+
     def as_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         return {
@@ -61,7 +72,7 @@ class CorruptionResult:
         }
 
 
-@dataclass
+@dataclass(repr=False)
 class RandomCorruptionResult(CorruptionResult):
     """Random trials: ``delta``/``loss_after`` are the worst trial; the statistics cover all."""
 
@@ -84,6 +95,9 @@ class RandomCorruptionResult(CorruptionResult):
         out = super().as_dict()
         out.update(mean_change=self.mean_change, std_change=self.std_change, worst_change=self.loss_change)
         return out
+
+    def _repr_extra(self) -> str:
+        return f", trials={len(self.history)}, mean change {self.mean_change:+.6g} (std {self.std_change:.3g})"
 
 
 def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]:

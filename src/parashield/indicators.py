@@ -293,6 +293,9 @@ class LayerVulnerability:
     numel: int
     value: float
 
+    def __repr__(self) -> str:
+        return f"LayerVulnerability({self.name!r}, numel={self.numel}, value={self.value:.6g})"
+
 
 def layer_vulnerability(
     objective: Objective, budget: Budget, method: str = "first_order", by: str = "parameter", **kwargs

@@ -211,6 +211,12 @@ class Objective:
                              "nothing is left to corrupt")
         return named
 
+    def __repr__(self) -> str:
+        data = "1 batch" if is_single_batch(self.data) else (
+            f"{len(self.data)} batches" if hasattr(self.data, "__len__") else type(self.data).__name__)
+        return (f"Objective(model={type(self.model).__name__}, loss_fn={getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)}, "
+                f"{len(self.params)} tensors / {self.numel} parameters, data={data}, train_mode={self.train_mode})")
+
     @property
     def device(self) -> torch.device:
         return self.params[0].device
