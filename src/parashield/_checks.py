@@ -22,6 +22,13 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """True or False (1, 0, "yes" and None are refused: a flag is not guessed)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_real(name: str, value: object, positive: bool = False) -> float:
     """A finite real number >= 0 (> 0 with ``positive``; bools are refused)."""
     what = "a finite positive number" if positive else "a finite number >= 0"

@@ -227,6 +227,11 @@ class ProgressiveBitSearch:
             raise ValueError("ProgressiveBitSearch needs quantization= (the int8 codes from quantize_())")
         if target is not None and metric is None:
             raise ValueError("target needs metric=, the function whose value is compared with it")
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be None or callable as metric(model) -> float, got {type(metric).__name__}")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not math.isfinite(target)):
+            raise ValueError(f"target must be None or a finite number, got {target!r}")
         self.quantization, self.bits = quantization, bits
         self.max_flips = check_count("max_flips", max_flips)
         self.candidates = check_count("candidates", candidates)

@@ -49,6 +49,10 @@ def _check_real(name: str, value: object) -> float:
 
 def _check_aligned(tensors: Sequence[Tensor], params: Sequence[Tensor], name: str) -> None:
     """One tensor per parameter, at least one: a shorter list would silently leave tensors out."""
+    for name_, ts in ((name, tensors), ("params", params)):
+        if not isinstance(ts, abc.Sequence) or not all(isinstance(t, Tensor) for t in ts):
+            raise TypeError(f"{name_} must be a list of tensors, one per parameter, got {type(ts).__name__}"
+                            + ("" if not isinstance(ts, abc.Sequence) else " holding non-tensors"))
     if len(params) == 0:
         raise ValueError("params is empty: a budget needs the parameters (one tensor at least) it is relative to")
     if len(tensors) != len(params):
@@ -357,6 +361,7 @@ class Budget:
         return grads
 
     def steepest(self, grads: Sequence[Tensor], params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
+        _check_aligned(grads, params, "grads")
         return self.steepest_([g.detach().clone() for g in grads], params, radius)
 
     def ascent_value(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -437,6 +442,7 @@ class Budget:
         return deltas
 
     def project(self, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> Tensors:
+        _check_aligned(deltas, params, "deltas")
         return self.project_([a.detach().clone() for a in deltas], params)
 
     # ------------------------------------------------------------------ measuring and sampling

@@ -203,6 +203,8 @@ def load_checkpoint(
     for name, obj in (("optimizer", optimizer), ("scheduler", scheduler)):
         if obj is not None and not callable(getattr(obj, "load_state_dict", None)):
             raise TypeError(f"{name} must have a load_state_dict() method (or be None), got {type(obj).__name__}")
+    if not isinstance(restore_rng, bool):
+        raise TypeError(f"restore_rng must be True or False, got {restore_rng!r}")
     payload = _read(path, map_location)
     _check_model_state(payload["model"], model)
     if optimizer is not None and payload["optimizer"] is not None:

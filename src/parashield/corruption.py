@@ -13,7 +13,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_memory, check_objective, check_seed, check_vectorize, step_size_or_default
+from ._checks import check_bool, check_budget, check_count, check_memory, check_objective, check_seed, check_vectorize, step_size_or_default
 from ._progress import progress
 from .budget import Budget, Geometry
 from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
@@ -229,8 +229,8 @@ class MultiStepCorruption:
             raise ValueError(f"per_step must be 'full' or 'batch', got {per_step!r}")
         self.step_size = step_size_or_default(step_size, self.budget, self.steps)
         check_seed(seed)
-        self.random_start = bool(random_start)
-        self.keep_best = bool(keep_best)
+        self.random_start = check_bool("random_start", random_start)
+        self.keep_best = check_bool("keep_best", keep_best)
         self.per_step = per_step
         self.seed = seed
 

@@ -115,6 +115,8 @@ class _Workspace:
 def _check_base_kwargs(kwargs: dict) -> None:
     """Numbers given to the base optimizer must be finite: torch's own range checks let NaN
     through (``nan < 0`` is False); the base optimizer checks the rest."""
+    if isinstance(kwargs.get("lr"), bool):
+        raise TypeError(f"lr must be a number, got {kwargs['lr']!r}")
     for name, value in kwargs.items():
         values = value if isinstance(value, (tuple, list)) else (value,)
         for v in values:
@@ -170,28 +172,36 @@ def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
 
-@contextmanager
-def _batchnorm_statistics(restore_on_exit: bool) -> Iterator[Callable[[], None]]:
-    """Within the block, every ``_BatchNorm`` that runs in train mode has its running statistics
-    (and ``num_batches_tracked``) saved before its first forward; yields ``restore()``, which puts
-    them back bit for bit (called on exit when ``restore_on_exit``: corrupted passes must not move
-    them; kept for later when a refused step must undo the clean pass's update). A global
-    forward pre-hook finds the modules, so no model handle is needed."""
-    saved: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
-    def buffers(module: nn.Module) -> Tensors:
-        return [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+
+@contextmanager
+def _saved_buffers(batchnorm_only: bool, restore_on_exit: bool) -> Iterator[Callable[[], None]]:
+    """Within the block, the buffers of every module that runs forward are saved before its first
+    forward: with ``batchnorm_only``, the running statistics of each ``_BatchNorm`` in train mode
+    (corrupted passes must not move them), else every buffer (a refused step leaves the model as
+    found, counters included). Yields ``restore()``, which puts them back bit for bit (the same
+    tensor objects, also where a forward replaced one), and calls it on exit when
+    ``restore_on_exit``. A global forward pre-hook finds the modules, so no model handle is needed."""
+    saved: dict[int, tuple[nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
 
     def hook(module: nn.Module, args: Any) -> None:
-        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
-            if id(module) not in saved:
-                saved[id(module)] = (module, [b.detach().clone() for b in buffers(module)])
+        if id(module) in saved:
+            return
+        if batchnorm_only and not (isinstance(module, _BatchNorm) and module.training and module.track_running_stats):
+            return
+        names = _RUNNING_STATISTICS if batchnorm_only else tuple(module._buffers)
+        items = [(n, module._buffers[n], module._buffers[n].detach().clone())
+                 for n in names if module._buffers.get(n) is not None]
+        if items:
+            saved[id(module)] = (module, items)
 
     def restore() -> None:
         with torch.no_grad():
-            for module, copies in saved.values():
-                for b, c in zip(buffers(module), copies):
-                    b.copy_(c)
+            for module, items in saved.values():
+                for name, buffer, copy in items:
+                    module._buffers[name] = buffer
+                    buffer.copy_(copy)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -263,6 +273,8 @@ class APD(torch.optim.Optimizer):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
         check_seed(seed)
         _check_base_kwargs(base_kwargs)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be None or the DDP-wrapped torch.nn.Module, got {type(model).__name__}")
         if distributed == "local" and model is None and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "
@@ -363,14 +375,14 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
-        undo_clean_statistics: Optional[Callable[[], None]] = None  # a refused step leaves BatchNorm as found
+        undo_clean_pass: Optional[Callable[[], None]] = None  # a refused step leaves the buffers as found
         self._in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in progress(range(self.steps + 1), min_total=50, desc="APD passes", unit="pass", leave=False):
-                with _batchnorm_statistics(restore_on_exit=t > 0) as restore_statistics, no_sync():
+                with _saved_buffers(batchnorm_only=t > 0, restore_on_exit=t > 0) as restore_buffers, no_sync():
                     if t == 0:
-                        undo_clean_statistics = restore_statistics
+                        undo_clean_pass = restore_buffers
                     yield t
                 with torch.no_grad():
                     grads, seen = ws.take_grads()
@@ -433,8 +445,8 @@ class APD(torch.optim.Optimizer):
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
-            if not self._ready and undo_clean_statistics is not None:
-                undo_clean_statistics()
+            if not self._ready and undo_clean_pass is not None:
+                undo_clean_pass()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling

@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_memory, check_objective, check_seed, check_vectorize
+from ._checks import check_bool, check_count, check_memory, check_objective, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
 from .corruption import CORRUPTION_KINDS, make_corruption
@@ -42,6 +42,7 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
     """
     check_objective(objective)
     check_seed(seed)
+    check_bool("filter_normalized", filter_normalized)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for w in objective.params:
