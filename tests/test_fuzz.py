@@ -148,6 +148,7 @@ REGISTRY: dict[str, tuple[list, Any]] = {
     "plain": ([np.zeros(2), pathlib.Path("/tmp/x"), object(), {"k": object()}, [np.ones(1)]],
               st.one_of(st.just(object()), st.builds(pathlib.Path, st.text(max_size=3)))),
     "optimizer": (["sgd", 3, [1]], st.one_of(st.integers(), st.text(max_size=3))),
+    "fixed": ([None], st.just(None)),  # the entry's call holds its bad input itself
 }
 
 DEFAULT_BUDGET = ps.Budget("l2", 0.05)
@@ -272,7 +273,7 @@ ENTRIES = [
     Entry("critical_eps.max_doublings", "count",
           lambda env, bad: ps.critical_eps(env.objective, DEFAULT_BUDGET, metric_of(env.batches), 0.1,
                                            max_doublings=bad)),
-    Entry("critical_eps.metric NaN", "objective",
+    Entry("critical_eps.metric NaN", "fixed",
           lambda env, bad: ps.critical_eps(env.objective, DEFAULT_BUDGET, lambda m: math.nan, 0.1)),
     Entry("random_direction.seed", "seed", lambda env, bad: ps.random_direction(env.objective, seed=bad)),
     Entry("random_direction.filter_normalized", "bool",
@@ -323,7 +324,7 @@ ENTRIES = [
     Entry("APD.seed", "seed", apd(seed=None)),
     Entry("APD.lr", "non_negative", apd(lr=None)),
     Entry("APD.step(closure)", "callable", apd_step, owns_grads=True),
-    Entry("APD.step(closure -> non-scalar)", "objective", lambda env, bad: apd_step(env, non_scalar_closure(env)),
+    Entry("APD.step(closure -> non-scalar)", "fixed", lambda env, bad: apd_step(env, non_scalar_closure(env)),
           owns_grads=True),
     Entry("SAM.rho", "non_negative", lambda env, bad: ps.SAM(env.model.parameters(), torch.optim.SGD, rho=bad, lr=0.1)),
     Entry("SAM.adaptive", "bool",

@@ -354,7 +354,8 @@ class APD(torch.optim.Optimizer):
         is closed) the parameters are back at the clean w bit for bit. After the loop ``.grad``
         holds the averaged gradient (views of one buffer that the next trajectory overwrites:
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
-        ``NonFiniteGradientError`` naming the pass, unless a ``GradScaler`` is given, in which case
+        ``NonFiniteGradientError`` naming the pass, with the parameters and the buffers the clean
+        pass changed (BatchNorm statistics, counters) as they were before the step, unless a ``GradScaler`` is given, in which case
         the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
         recipe, see README).
         """

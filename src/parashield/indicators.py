@@ -348,7 +348,9 @@ def critical_eps(
     over the trials. The search doubles eps from ``eps_start`` (default: the budget's eps) until
     the drop is reached (at most ``max_doublings`` times, else ``inf``), then bisects ``iters``
     times between the last eps without the drop and the first with it; it assumes the drop grows
-    with eps and returns the upper end of the final bracket.
+    with eps and returns the upper end of the final bracket. A metric that returns NaN raises
+    ValueError (no drop can be measured from it), and so do ``max_doublings`` that would double
+    eps past the largest float.
     """
     check_objective(objective)
     check_budget(budget)
