@@ -447,7 +447,7 @@ def bars(monkeypatch):
 
 LONG_LOOPS = [
     ("random trials", lambda obj, q: ps.RandomCorruption(ps.Budget(), trials=3)(obj)),
-    ("multi-step corruption", lambda obj, q: ps.MultiStepCorruption(ps.Budget(), steps=2)(obj)),
+    ("multi-step corruption, restart 1/1", lambda obj, q: ps.MultiStepCorruption(ps.Budget(), steps=2)(obj)),
     ("Hessian trace", lambda obj, q: ps.hessian_trace(obj, samples=2)),
     ("Lanczos", lambda obj, q: ps.hessian_top_eigenvalue(obj, iters=2)),
     ("power iteration", lambda obj, q: ps.hessian_top_eigenvalue(obj, iters=2, method="power")),

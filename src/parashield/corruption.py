@@ -13,7 +13,16 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_bool, check_budget, check_count, check_memory, check_objective, check_seed, check_vectorize, step_size_or_default
+from ._checks import (
+    check_bool,
+    check_budget,
+    check_count,
+    check_memory,
+    check_objective,
+    check_seed,
+    check_vectorize,
+    step_size_or_default,
+)
 from ._progress import progress
 from .budget import Budget, Geometry
 from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
@@ -267,7 +276,7 @@ class MultiStepCorruption:
             geometry = Geometry(pr.clean)  # w is fixed during the attack: scales computed once
             for restart in range(self.restarts):
                 delta = self._start(pr, restart, gen)
-                desc = "multi-step corruption" + (f" (restart {restart + 1}/{self.restarts})" if self.restarts > 1 else "")
+                desc = f"multi-step corruption, restart {restart + 1}/{self.restarts}"
                 for t in progress(range(self.steps), desc=desc, unit="step", leave=False):
                     pr.set(delta)
                     loss, grads = pr.gradient(next(data), check=False)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_budget, check_count, check_seed, step_size_or_default
+from ._checks import check_budget, check_count, check_real, check_seed, step_size_or_default
 from ._progress import progress
 from .budget import Budget, Geometry
 
@@ -502,12 +502,6 @@ class APD(torch.optim.Optimizer):
         )
 
 
-def _check_rho(rho: object) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    return float(rho)
-
-
 class SAM(APD):
     """Sharpness-aware minimization as an APD preset: K = 1, clean loss excluded, L2 ascent of
     radius rho (``e = rho g / ||g||``; adaptive: ``e = rho T^2 g / ||T g||`` with
@@ -522,7 +516,7 @@ class SAM(APD):
             "step_size": "SAM's step is the whole radius rho",
             "corruption": "SAM's corruption is adversarial; RandomWeightPerturbation is the random one",
         })
-        rho = _check_rho(rho)
+        rho = check_real("rho", rho)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         budget = Budget("l2", rho, scale="element" if adaptive else None, eta=eta)

@@ -358,8 +358,7 @@ def critical_eps(
     check_count("max_doublings", max_doublings)
     if not callable(metric):
         raise TypeError(f"metric must be callable as metric(model) -> float, got {type(metric).__name__}")
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
-        raise ValueError(f"drop must be a finite positive number, got {drop!r}")
+    check_real("drop", drop, positive=True)
     start = budget.eps if eps_start is None else check_real("eps_start", eps_start, positive=True)
     hi, lo = start or 1e-3, 0.0
     try:

@@ -148,12 +148,17 @@ class Objective:
 
     Args:
         model: the network; only the selected parameters are ever changed (and restored).
-        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of the batch as a scalar.
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of the batch as a
+            floating-point scalar tensor computed from ``model(...)`` (not detached: attacks
+            differentiate it). A torch loss such as ``nn.CrossEntropyLoss()`` takes
+            ``(output, target)`` and is refused with the line to write instead.
         data: one batch (a tensor, tuple, dict or list of tensors) or a re-iterable of batches
             (a DataLoader, a list of batches); over several batches the loss is the
-            example-weighted mean, the weight being the leading dimension of each batch.
+            example-weighted mean, the weight being the leading dimension of each batch (a
+            batch of 0 rows weighs 0). Empty data is refused.
         params: which parameters are variables (see ``select_parameters``); default all
-            trainable floating-point parameters.
+            trainable floating-point parameters. One frozen later (``requires_grad=False``)
+            drops out of ``params``: frozen tensors are never touched.
         train_mode: evaluate in train mode (BatchNorm batch statistics, dropout) instead of eval
             mode; buffers such as running statistics are restored afterwards.
     """
@@ -169,8 +174,9 @@ class Objective:
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
-        if _loss_hint(loss_fn):
-            raise TypeError(f"{_loss_hint(loss_fn)}, but {_SIGNATURE}")
+        hint = _loss_hint(loss_fn)
+        if hint:
+            raise TypeError(f"{hint}, but {_SIGNATURE}")
         if isinstance(data, Iterator):
             raise TypeError(
                 "data must be one batch or a re-iterable of batches (a DataLoader or a list); "
