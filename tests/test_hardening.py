@@ -324,6 +324,12 @@ def test_seeds_and_tolerances_are_checked(call, error, match):
         call(ps.Objective(mlp(), ce, batch()))
 
 
+def test_data_of_another_dtype_than_the_model_says_what_to_convert():
+    x, y = batch()
+    with pytest.raises(TypeError, match="batch holds float64 tensors, the model's parameters are float32"):
+        ps.Objective(mlp(), ce, (x.double(), y)).loss()
+
+
 @pytest.mark.parametrize("data", [(), {}, []])
 def test_empty_data_is_refused_when_the_objective_is_built(data):
     with pytest.raises(ValueError, match="data is empty"):

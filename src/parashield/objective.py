@@ -125,6 +125,25 @@ def check_finite(value: Tensor, what: str) -> float:
     return out
 
 
+def _floating_dtypes(batch: Any) -> set[torch.dtype]:
+    """The floating-point dtypes of the tensors of a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return {batch.dtype} if batch.is_floating_point() else set()
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    return set().union(*(_floating_dtypes(x) for x in items))
+
+
+def _dtype_mismatch(model: nn.Module, batch: Any) -> Optional[str]:
+    """Where a batch's floating dtypes are not the model's: what to convert."""
+    have = _floating_dtypes(batch)
+    want = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not have or not want or have <= want:
+        return None
+    have_names, want_names = ("/".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (have, want))
+    return (f"the batch holds {have_names} tensors, the model's parameters are {want_names}: convert the data "
+            f"(e.g. x.to({sorted(map(str, want))[0]})) or the model")
+
+
 def call_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> Tensor:
     """``loss_fn(model, batch)``, checked to be a floating-point scalar tensor; a loss function
     written as ``(output, target)`` gets an error that shows the expected signature."""
@@ -134,6 +153,11 @@ def call_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> Tensor:
         if type(model).__name__ not in str(exc):  # not the model mistaken for an output: the user's own error
             raise
         raise TypeError(f"loss_fn failed on the model ({exc}): {_SIGNATURE}") from exc
+    except RuntimeError as exc:
+        mismatch = _dtype_mismatch(model, batch) if "type" in str(exc) else None
+        if mismatch is None:
+            raise
+        raise TypeError(f"loss_fn failed ({exc}): {mismatch}") from exc
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}; {_SIGNATURE}")
     if not loss.is_floating_point():
