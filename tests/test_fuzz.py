@@ -9,10 +9,12 @@ strategy (a few examples per argument, so the suite stays fast)."""
 
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import pathlib
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -50,6 +52,7 @@ class Env:
     def folder(cls) -> pathlib.Path:
         if cls.files is None:
             cls.files = pathlib.Path(tempfile.mkdtemp(prefix="parashield-fuzz-"))
+            atexit.register(shutil.rmtree, cls.files, ignore_errors=True)
             (cls.files / "notes.txt").write_text("not a checkpoint")
             (cls.files / "empty.pt").write_bytes(b"")
             torch.save(nn.Linear(2, 2).state_dict(), cls.files / "state_dict.pt")
