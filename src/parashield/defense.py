@@ -355,7 +355,8 @@ class APD(torch.optim.Optimizer):
         holds the averaged gradient (views of one buffer that the next trajectory overwrites:
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
         ``NonFiniteGradientError`` naming the pass, with the parameters and the buffers the clean
-        pass changed (BatchNorm statistics, counters) as they were before the step, unless a ``GradScaler`` is given, in which case
+        pass changed (BatchNorm statistics, counters) as they were before the step, unless a
+        ``GradScaler`` is given, in which case
         the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
         recipe, see README).
         """
@@ -460,7 +461,8 @@ class APD(torch.optim.Optimizer):
             self._ready = False
             return self.base_optimizer.step()
         if not callable(closure):
-            raise TypeError(f"closure must be callable (zero_grad, forward, backward, return the loss), got {type(closure).__name__}")
+            raise TypeError("closure must be callable (zero_grad, forward, backward, return the loss), "
+                            f"got {type(closure).__name__}")
         losses: list = []
         with closing(self._trajectory(None, losses)) as passes:  # an error in a pass restores w at once
             for t in passes:

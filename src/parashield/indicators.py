@@ -364,8 +364,9 @@ def critical_eps(
     try:
         math.ldexp(hi, max_doublings)
     except OverflowError:
+        most = math.floor(math.log2(sys.float_info.max) - math.log2(hi))
         raise ValueError(f"max_doublings={max_doublings} doubles eps {hi:g} past the largest float; "
-                         f"at most {math.floor(math.log2(sys.float_info.max) - math.log2(hi))} doublings are possible") from None
+                         f"at most {most} doublings are possible") from None
     make_corruption(corruption, budget, **corruption_kwargs)  # a bad name or option fails before any work
     model = objective.model
 

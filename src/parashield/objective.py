@@ -244,8 +244,9 @@ class Objective:
     def __repr__(self) -> str:
         data = "1 batch" if is_single_batch(self.data) else (
             f"{len(self.data)} batches" if hasattr(self.data, "__len__") else type(self.data).__name__)
-        return (f"Objective(model={type(self.model).__name__}, loss_fn={getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)}, "
-                f"{len(self.params)} tensors / {self.numel} parameters, data={data}, train_mode={self.train_mode})")
+        loss_fn = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
+        return (f"Objective(model={type(self.model).__name__}, loss_fn={loss_fn}, {len(self.params)} tensors / "
+                f"{self.numel} parameters, data={data}, train_mode={self.train_mode})")
 
     @property
     def device(self) -> torch.device:

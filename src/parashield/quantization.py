@@ -104,7 +104,8 @@ def quantize_(model: nn.Module, params: ParamSpec = None, granularity: str = "ch
     names, plist = [n for n, _ in named], [p for _, p in named]
     meta = [n for n, p in named if p.is_meta]
     if meta:
-        raise ValueError(f"parameters {meta[:3]} are on the meta device (no values to quantize): materialize the model first")
+        raise ValueError(f"parameters {meta[:3]} are on the meta device (no values to quantize): "
+                         "materialize the model first")
     finite = torch.stack([torch.isfinite(p.detach()).all().cpu() for p in plist])
     if not bool(finite.all()):  # one NaN would make its scale 1 and every code 0; one inf, its channel NaN
         bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
