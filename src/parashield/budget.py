@@ -361,6 +361,8 @@ class Budget:
         return grads
 
     def steepest(self, grads: Sequence[Tensor], params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
+        if radius is not None:
+            _check_real("radius", radius)
         _check_aligned(grads, params, "grads")
         return self.steepest_([g.detach().clone() for g in grads], params, radius)
 
@@ -486,6 +488,10 @@ class Budget:
         ``sample`` draws; one copy moves all rows to the parameters' device and the scaling runs
         once for all of them, so many random trials cost a few kernels beyond the generator's."""
         _check_aligned(params, params, "params")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        if not (generator is None or isinstance(generator, (torch.Generator, int)) and not isinstance(generator, bool)):
+            raise TypeError(f"generator must be None, a seed (int) or a torch.Generator, got {type(generator).__name__}")
         params = params if isinstance(params, Geometry) else Geometry(params)
         device, dtype = params[0].device, params[0].dtype
         if isinstance(generator, int):

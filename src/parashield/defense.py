@@ -142,7 +142,7 @@ def _distributed() -> bool:
 
 def _corrupt_ids(corrupt: object, groups: list) -> set:
     """Validate ``corrupt=``: a non-empty iterable of parameters this optimizer holds."""
-    if isinstance(corrupt, (str, bytes, nn.Module, Tensor)):
+    if isinstance(corrupt, (str, bytes, nn.Module, Tensor)) or not isinstance(corrupt, Iterable):
         raise TypeError(f"corrupt must be None or an iterable of the optimizer's parameters, got {type(corrupt).__name__}")
     items = list(corrupt)
     if not items or not all(isinstance(p, Tensor) for p in items):
