@@ -531,3 +531,13 @@ def test_results_print_as_summaries_not_tensors():
     assert "trials=3, mean change" in shown["RandomCorruptionResult"]
     assert "flips=5: " in shown["BitFlipResult"] and ", ..." in shown["BitFlipResult"]
     assert "2 tensors, 1720 codes" in shown["Int8Quantization"]
+
+
+def test_corrupted_works_on_inference_tensors():
+    with torch.inference_mode():  # parameters without version counters
+        model = mlp()
+        x, _ = batch()
+        clean = model(x)
+        with ps.corrupted(model, {"0.weight": torch.full((5, 4), 0.5)}):
+            assert not torch.equal(model(x), clean)
+        assert torch.equal(model(x), clean)

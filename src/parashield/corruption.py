@@ -316,6 +316,12 @@ def make_corruption(kind: str, budget: Budget, **kwargs) -> Union[RandomCorrupti
     return _KINDS[kind](budget, **kwargs)
 
 
+def _version(t: Tensor) -> int:
+    """The version counter of ``t``; -1 for an inference tensor, which has none (never reported:
+    such a tensor cannot be trained anyway)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _same_bits(a: Tensor, b: Tensor) -> bool:
     """Bitwise equality (NaN payloads included, which ``torch.equal`` calls different)."""
     ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -361,12 +367,12 @@ def corrupted(
         with torch.no_grad():
             moved = [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)]
             (torch._foreach_copy_ if exact else torch._foreach_add_)(params, moved)
-        versions = [p._version for p in params]  # in-place changes inside the block bump them
+        versions = [_version(p) for p in params]  # in-place changes inside the block bump them
         yield model
     finally:
         with torch.no_grad():  # a version bump alone may be a probe that moved and restored the parameters
             changed = [n for n, p, v, m, s in zip(delta, params, versions, moved, saved)
-                       if p._version != v and not _same_bits(p, m if exact else s + m)] if versions else []
+                       if _version(p) != v and not _same_bits(p, m if exact else s + m)] if versions else []
             torch._foreach_copy_(params, saved)
         if changed:
             warnings.warn(
