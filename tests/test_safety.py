@@ -401,8 +401,8 @@ def test_iterator_data_is_rejected():
         ps.Objective(model, ce, (b for b in batches))
     with pytest.raises(TypeError, match="data"):
         ps.Objective(model, ce, 3)
-    with pytest.raises(ValueError, match="no batch"):
-        ps.Objective(model, ce, []).loss()
+    with pytest.raises(ValueError, match="data is empty"):  # refused when built, not at first use
+        ps.Objective(model, ce, [])
 
 
 def test_objective_arguments_validated():

@@ -5,8 +5,9 @@ after Sun et al. (AAAI 2021) and Zhang et al. (Neural Networks 2021).
 """
 
 from .bitflip import BitFlipResult, FlipBudget, ProgressiveBitSearch, RandomBitFlip
+from ._progress import set_progress
 from .budget import Budget, Geometry
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .corruption import (
     CorruptionResult,
     GradientCorruption,
@@ -64,6 +65,7 @@ __all__ = [
     "NonFiniteGradientError",
     "OneStepDefense",
     "RandomWeightPerturbation",
+    "CheckpointError",
     "load_checkpoint",
     "save_checkpoint",
     "BitFlipResult",
@@ -94,4 +96,5 @@ __all__ = [
     "quantize_",
     "random_direction",
     "select_parameters",
+    "set_progress",
 ]

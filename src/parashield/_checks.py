@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+
+import torch
+from torch import nn
 
 from .budget import Budget
+from .objective import Objective
 
 
 def check_count(name: str, value: object) -> int:
@@ -16,11 +22,65 @@ def check_count(name: str, value: object) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """True or False (1, 0, "yes" and None are refused: a flag is not guessed)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_real(name: str, value: object, positive: bool = False) -> float:
+    """A finite real number >= 0 (> 0 with ``positive``; bools are refused)."""
+    what = "a finite positive number" if positive else "a finite number >= 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return float(value)
+
+
+#: The seeds ``torch.Generator.manual_seed`` accepts.
+SEED_RANGE = (-(2**63), 2**64)
+
+
 def check_seed(value: object) -> int:
-    """An int (bools are refused)."""
+    """An int that seeds a ``torch.Generator`` (bools are refused)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"seed must be an int, got {value!r}")
+    if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {value}")
     return value
+
+
+def memory_of(device: torch.device) -> int:
+    """Total memory in bytes of ``device`` (RAM for the CPU); ``sys.maxsize`` when unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return sys.maxsize
+
+
+def check_memory(nbytes: float, what: str, device: torch.device) -> None:
+    """Refuse up front a size that can only exhaust the memory: ``what`` (naming the argument
+    that sets it) would need ``nbytes``, more than ``device`` has in all."""
+    have = memory_of(device)
+    if nbytes > have:
+        raise ValueError(f"{what} would need {nbytes / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB "
+                         f"of memory of the {device.type} device")
+
+
+def check_objective(objective: object) -> Objective:
+    """An Objective; a model in its place gets an error saying how to build one."""
+    if isinstance(objective, Objective):
+        return objective
+    hint = ""
+    if isinstance(objective, nn.Module):
+        hint = ": wrap the model as ps.Objective(model, loss_fn, data), with loss_fn(model, batch) -> scalar loss"
+    raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}{hint}")
 
 
 def check_vectorize(value: object) -> object:

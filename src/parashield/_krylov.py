@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._progress import progress
+
 MatVec = Callable[[Tensor], Tensor]
 #: which eigenvalues: algebraically largest, smallest, or largest in magnitude
 WHICH = ("largest", "smallest", "magnitude")
@@ -49,10 +51,15 @@ def lanczos(
     random vector orthogonal to the basis with a zero coupling (T block diagonal), so that
     ``iters >= n`` always spans the whole space (eigenvectors the start is orthogonal to).
     """
+    from ._checks import check_memory  # noqa: PLC0415 (the checks import the objective; keep this module light)
+
     n = start.numel()
     m_max = min(iters, n)
+    # the basis and its stacked copy: two (m, n) matrices
+    check_memory(2 * start.element_size() * m_max * n, f"{m_max} Lanczos vectors of {n} parameters (iters={iters})",
+                 start.device)
     basis, alphas, betas = [start / torch.linalg.vector_norm(start)], [], []
-    for j in range(m_max):
+    for j in progress(range(m_max), desc="Lanczos", unit="hvp", leave=False):
         w = matvec(basis[j])
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)

@@ -25,7 +25,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_count, check_seed
+from ._checks import check_count, check_objective, check_seed
+from ._progress import progress
 from .corruption import CorruptionResult, corrupted
 from .objective import Objective, overflow_to_inf
 from .quantization import Int8Quantization
@@ -48,7 +49,7 @@ class FlipBudget:
     bits: tuple[int, ...]
 
 
-@dataclass
+@dataclass(repr=False)
 class BitFlipResult(CorruptionResult):
     """A bit-flip corruption: ``flips`` lists (name, flat index, bit) in the order applied,
     ``values`` the flipped parameters; ``history``/``metric_history`` the loss/metric after 0, 1,
@@ -71,12 +72,17 @@ class BitFlipResult(CorruptionResult):
             "passes": self.passes,
         }
 
+    def _repr_extra(self) -> str:
+        shown = ", ".join(f"{n}[{i}] bit {b}" for n, i, b in self.flips[:3]) + (", ..." if len(self.flips) > 3 else "")
+        return f", flips={len(self.flips)}: {shown}" if self.flips else ", flips=0"
+
 
 class _Target:
     """The tensors whose bits are flipped: int8 codes (dequantized through the scales) or the
     float parameters themselves, seen as integers of the same width."""
 
     def __init__(self, objective: Objective, quantization: Optional[Int8Quantization], bits: Bits) -> None:
+        check_objective(objective)
         if quantization is not None:
             if not isinstance(quantization, Int8Quantization):
                 raise TypeError(f"quantization must be an Int8Quantization from quantize_(), got {type(quantization).__name__}")
@@ -84,6 +90,7 @@ class _Target:
             missing = [n for n, p in zip(quantization.names, quantization.params) if named.get(n) is not p]
             if missing:
                 raise ValueError(f"quantization does not belong to the objective's model: {missing[:3]}")
+            quantization.check_current()
             self.names, self.params, self.q = quantization.names, quantization.params, quantization
             self.ints = quantization.codes
         else:
@@ -222,6 +229,11 @@ class ProgressiveBitSearch:
             raise ValueError("ProgressiveBitSearch needs quantization= (the int8 codes from quantize_())")
         if target is not None and metric is None:
             raise ValueError("target needs metric=, the function whose value is compared with it")
+        if metric is not None and not callable(metric):
+            raise TypeError(f"metric must be None or callable as metric(model) -> float, got {type(metric).__name__}")
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                                   or not math.isfinite(target)):
+            raise ValueError(f"target must be None or a finite number, got {target!r}")
         self.quantization, self.bits = quantization, bits
         self.max_flips = check_count("max_flips", max_flips)
         self.candidates = check_count("candidates", candidates)
@@ -248,7 +260,9 @@ class ProgressiveBitSearch:
         with sub.probe() as pr, torch.no_grad():  # the probe restores the parameters on exit
             if self.metric is not None:
                 metrics.append(float(self.metric(objective.model)))
-            while len(flips) < self.max_flips and not (metrics and self.target is not None and metrics[-1] <= self.target):
+            for _ in progress(range(self.max_flips), desc="progressive bit search", unit="flip", leave=False):
+                if metrics and self.target is not None and metrics[-1] <= self.target:
+                    break
                 loss, grads = pr.gradient(check=False)
                 passes += 1
                 if float(loss) == math.inf:  # a flip made the loss or its gradient overflow: nothing to rank by

@@ -50,6 +50,18 @@ def _check_real(name: str, value: object) -> float:
     return value
 
 
+def _check_aligned(tensors: Sequence[Tensor], params: Sequence[Tensor], name: str) -> None:
+    """One tensor per parameter, at least one: a shorter list would silently leave tensors out."""
+    for name_, ts in ((name, tensors), ("params", params)):
+        if not isinstance(ts, abc.Sequence) or not all(isinstance(t, Tensor) for t in ts):
+            raise TypeError(f"{name_} must be a list of tensors, one per parameter, got {type(ts).__name__}"
+                            + ("" if not isinstance(ts, abc.Sequence) else " holding non-tensors"))
+    if len(params) == 0:
+        raise ValueError("params is empty: a budget needs the parameters (one tensor at least) it is relative to")
+    if len(tensors) != len(params):
+        raise ValueError(f"{name} has {len(tensors)} tensors, params has {len(params)}: give one per parameter")
+
+
 def _foreach_norm(ts: Sequence[Tensor], p: float) -> list[Tensor]:
     """Per-tensor norms; float16/bfloat16 are reduced in float32 (a sum of squares of finite
     half values easily overflows)."""
@@ -155,6 +167,7 @@ def _keep_top_n_(ts: Sequence[Tensor], scores: Sequence[Tensor], n: int,
         new = transform(new)
     for t, i, v in zip(ts, kept, new.split([len(i) for i in kept])):
         t.zero_()
+        v = v.to(t.dtype)  # the concatenation of mixed dtypes is in the widest one
         if t.is_contiguous():
             t.view(-1)[i] = v
         else:
@@ -311,6 +324,7 @@ class Budget:
         With q the dual exponent and h = g kept on its n largest |g_i|:
         ``a = r sign(h)|h|^(q-1) / ||h||_q^(q-1)``; a zero gradient gives a zero corruption.
         """
+        _check_aligned(grads, params, "grads")
         r = self.eps if radius is None else radius
         s = self._element_scale(params) if self.scale == "element" else None
         if s is not None:
@@ -350,6 +364,9 @@ class Budget:
         return grads
 
     def steepest(self, grads: Sequence[Tensor], params: Sequence[Tensor], radius: Optional[float] = None) -> Tensors:
+        if radius is not None:
+            _check_real("radius", radius)
+        _check_aligned(grads, params, "grads")
         return self.steepest_([g.detach().clone() for g in grads], params, radius)
 
     def ascent_value(self, grads: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
@@ -366,6 +383,7 @@ class Budget:
         and then projected onto the ball: exact for L2 and L-inf, a heuristic for L1 and for
         element-scaled L2.
         """
+        _check_aligned(deltas, params, "deltas")
         r = self.eps
         s = self._element_scale(params) if self.scale == "element" else None
         if self.scale == "layer":
@@ -429,11 +447,13 @@ class Budget:
         return deltas
 
     def project(self, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> Tensors:
+        _check_aligned(deltas, params, "deltas")
         return self.project_([a.detach().clone() for a in deltas], params)
 
     # ------------------------------------------------------------------ measuring and sampling
     def measure(self, deltas: Sequence[Tensor], params: Sequence[Tensor]) -> float:
         """The budget's size of ``deltas``: ``a in S`` iff ``measure(a) <= eps`` (and sparsity)."""
+        _check_aligned(deltas, params, "deltas")
         deltas = [a.detach() for a in deltas]
         if self.scale == "layer":
             ratios = [
@@ -449,6 +469,7 @@ class Budget:
 
     def contains(self, deltas: Sequence[Tensor], params: Sequence[Tensor], rtol: float = 1e-5) -> bool:
         """Whether ``deltas`` lies in S up to a relative tolerance ``rtol``."""
+        _check_aligned(deltas, params, "deltas")
         if self.sparsity is not None and sum(int(a.count_nonzero()) for a in deltas) > self.sparsity:
             return False
         return self.measure(deltas, params) <= self.eps * (1 + rtol) + 1e-12
@@ -469,6 +490,11 @@ class Budget:
         shape ``(count, *w.shape)`` per parameter. Row i is the i-th of ``count`` successive
         ``sample`` draws; one copy moves all rows to the parameters' device and the scaling runs
         once for all of them, so many random trials cost a few kernels beyond the generator's."""
+        _check_aligned(params, params, "params")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, got {count!r}")
+        if not (generator is None or isinstance(generator, (torch.Generator, int)) and not isinstance(generator, bool)):
+            raise TypeError(f"generator must be None, a seed (int) or a torch.Generator, got {type(generator).__name__}")
         params = params if isinstance(params, Geometry) else Geometry(params)
         device, dtype = params[0].device, params[0].dtype
         if isinstance(generator, int):
@@ -477,10 +503,11 @@ class Budget:
         k = sum(w.numel() for w in params)
         m = k if self.sparsity is None else min(self.sparsity, k)
         direction = self._unit_directions(count, m, k, generator, gen_device)
-        direction = direction.to(device=device, dtype=dtype)
+        uniform = all(w.dtype == dtype for w in params)
+        direction = direction.to(device=device, dtype=dtype if uniform else None)  # one copy when it can be
         out, offset = [], 0
         for w in params:
-            out.append(direction[:, offset : offset + w.numel()].reshape(count, *w.shape))
+            out.append(direction[:, offset : offset + w.numel()].reshape(count, *w.shape).to(w.dtype))
             offset += w.numel()
         if self.scale == "layer":
             norms = torch.stack([torch.linalg.vector_norm(o.reshape(count, -1), self.p, dim=1) for o in out], 1)

@@ -7,6 +7,7 @@ The formulas and defaults (the multi-step step size 1.5 eps / K): docs/method.md
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional, Sequence, Union
@@ -14,14 +15,24 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_seed, check_vectorize, step_size_or_default
+from ._checks import (
+    check_bool,
+    check_budget,
+    check_count,
+    check_memory,
+    check_objective,
+    check_seed,
+    check_vectorize,
+    step_size_or_default,
+)
+from ._progress import progress
 from .budget import Budget, Geometry
-from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
+from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
 
 Tensors = list[Tensor]
 
 
-@dataclass
+@dataclass(repr=False)
 class CorruptionResult:
     """What a corruption found.
 
@@ -45,6 +56,17 @@ class CorruptionResult:
     def loss_change(self) -> float:
         return self.loss_after - self.loss_before
 
+    def _repr_extra(self) -> str:
+        """What a subclass adds to the summary."""
+        return ""
+
+    def __repr__(self) -> str:
+        """A one-line summary; the tensors are in ``delta`` / ``values``."""
+        entries = sum(d.numel() for d in self.delta.values())
+        return (f"{type(self).__name__}(method={self.method!r}, budget={self.budget}, loss {self.loss_before:.6g} -> "
+                f"{self.loss_after:.6g} (change {self.loss_change:+.6g}), {len(self.delta)} tensors / {entries} entries, "
+                f"passes={self.passes}{self._repr_extra()})")
+
     def as_dict(self) -> dict:
         """JSON-ready summary (no tensors)."""
         return {
@@ -61,7 +83,7 @@ class CorruptionResult:
         }
 
 
-@dataclass
+@dataclass(repr=False)
 class RandomCorruptionResult(CorruptionResult):
     """Random trials: ``delta``/``loss_after`` are the worst trial; the statistics cover all."""
 
@@ -84,6 +106,9 @@ class RandomCorruptionResult(CorruptionResult):
         out = super().as_dict()
         out.update(mean_change=self.mean_change, std_change=self.std_change, worst_change=self.loss_change)
         return out
+
+    def _repr_extra(self) -> str:
+        return f", trials={len(self.history)}, mean change {self.mean_change:+.6g} (std {self.std_change:.3g})"
 
 
 def _as_dict(objective: Objective, delta: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -162,10 +187,14 @@ class RandomCorruption:
             yield from _unstack(chunk)
 
     def __call__(self, objective: Objective) -> RandomCorruptionResult:
+        check_objective(objective)
+        chunk = min(self.chunk_size, self.trials)  # float64 directions, then the stacked parameter sets
+        check_memory(16 * chunk * objective.numel, f"a chunk of {chunk} trials (chunk_size)", objective.device)
         with objective.probe() as pr:
             before = check_finite(pr.loss(), "loss at w")
             losses: list[float] = []
-            chunks = pr.stacked_losses_of(self.sample_chunks(objective), self.vectorize, "random trials")
+            chunks = progress(pr.stacked_losses_of(self.sample_chunks(objective), self.vectorize, "random trials"),
+                              total=-(-self.trials // self.chunk_size), desc="random trials", unit="chunk", leave=False)
             worst, worst_loss = None, -math.inf
             for chunk, values in chunks:
                 chunk_losses = [overflow_to_inf(v) for v in values.tolist()]
@@ -186,6 +215,7 @@ class GradientCorruption:
         self.budget = check_budget(budget)
 
     def __call__(self, objective: Objective) -> CorruptionResult:
+        check_objective(objective)
         with objective.probe() as pr:
             loss, grads = pr.gradient()
             delta = self.budget.steepest_(grads, pr.clean)
@@ -238,8 +268,8 @@ class MultiStepCorruption:
             raise ValueError(f"per_step must be 'full' or 'batch', got {per_step!r}")
         self.step_size = step_size_or_default(step_size, self.budget, self.steps)
         check_seed(seed)
-        self.random_start = bool(random_start)
-        self.keep_best = bool(keep_best)
+        self.random_start = check_bool("random_start", random_start)
+        self.keep_best = check_bool("keep_best", keep_best)
         self.per_step = per_step
         self.seed = seed
 
@@ -255,12 +285,14 @@ class MultiStepCorruption:
         while True:
             yielded = False
             for batch in objective.batches():
-                yielded = True
-                yield batch
+                if batch_size(batch) > 0:  # a batch of 0 rows has no gradient to step along
+                    yielded = True
+                    yield batch
             if not yielded:
-                raise ValueError("data yielded no batch")
+                raise ValueError(NO_EXAMPLE)
 
     def __call__(self, objective: Objective) -> CorruptionResult:
+        check_objective(objective)
         gen = torch.Generator().manual_seed(self.seed)
         exact = self.per_step == "full"
         with objective.probe() as pr:
@@ -271,7 +303,8 @@ class MultiStepCorruption:
             geometry = Geometry(pr.clean)  # w is fixed during the attack: scales computed once
             for restart in range(self.restarts):
                 delta = self._start(pr, restart, gen)
-                for t in range(self.steps):
+                desc = f"multi-step corruption, restart {restart + 1}/{self.restarts}"
+                for t in progress(range(self.steps), desc=desc, unit="step", leave=False):
                     pr.set(delta)
                     loss, grads = pr.gradient(next(data), check=False)
                     passes += 1
@@ -305,13 +338,33 @@ def make_corruption(kind: str, budget: Budget, **kwargs) -> Union[RandomCorrupti
     return _KINDS[kind](budget, **kwargs)
 
 
+def _version(t: Tensor) -> int:
+    """The version counter of ``t``; -1 for an inference tensor, which has none (never reported:
+    such a tensor cannot be trained anyway)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (NaN payloads included, which ``torch.equal`` calls different)."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    if a.dtype != b.dtype or a.shape != b.shape or a.is_complex() or a.element_size() not in ints:
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return torch.equal(a.view(ints[a.element_size()]), b.view(ints[a.element_size()]))
+
+
 @contextmanager
 def corrupted(
     model: nn.Module, corruption: Union[CorruptionResult, Mapping[str, Tensor]]
 ) -> Iterator[nn.Module]:
     """Apply a corruption (a result or ``{name: delta}``) to ``model``'s parameters in place, and
     restore every touched parameter bit for bit on exit (exceptions and KeyboardInterrupt too).
+
+    The block is for evaluating the corrupted model: a change made to the touched parameters inside
+    it (an optimizer step, say) is undone on exit with the rest, while what it left elsewhere (the
+    optimizer's momentum) stays; such a change is reported with a ``RuntimeWarning``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     exact = isinstance(corruption, CorruptionResult) and corruption.values is not None
     if isinstance(corruption, CorruptionResult):
         delta = corruption.values if exact else corruption.delta
@@ -320,6 +373,9 @@ def corrupted(
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
     named = dict(model.named_parameters())
+    wrong = [f"{n!r}: {type(v).__name__}" for n, v in delta.items() if not isinstance(v, Tensor)]
+    if wrong:
+        raise TypeError(f"corruption values must be tensors, got {', '.join(wrong[:3])}")
     unknown = [n for n in delta if n not in named]
     if unknown:
         raise ValueError(f"corruption names parameters the model does not have: {unknown[:5]}")
@@ -331,11 +387,20 @@ def corrupted(
         yield model
         return
     saved = [p.detach().clone() for p in params]
+    versions: list[int] = []
     try:
         with torch.no_grad():
             moved = [delta[n].to(device=p.device, dtype=p.dtype) for n, p in zip(delta, params)]
             (torch._foreach_copy_ if exact else torch._foreach_add_)(params, moved)
+        versions = [_version(p) for p in params]  # in-place changes inside the block bump them
         yield model
     finally:
-        with torch.no_grad():
+        with torch.no_grad():  # a version bump alone may be a probe that moved and restored the parameters
+            changed = [n for n, p, v, m, s in zip(delta, params, versions, moved, saved)
+                       if _version(p) != v and not _same_bits(p, m if exact else s + m)] if versions else []
             torch._foreach_copy_(params, saved)
+        if changed:
+            warnings.warn(
+                f"parameters {changed[:3]} were changed inside corrupted(): the change is discarded on exit, when the "
+                "clean values come back (an optimizer step there is lost while its momentum/state is kept); train "
+                "outside the block", RuntimeWarning, stacklevel=3)

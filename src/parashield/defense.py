@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_budget, check_count, check_seed, step_size_or_default
+from ._checks import check_budget, check_count, check_real, check_seed, step_size_or_default
+from ._progress import progress
 from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
@@ -114,6 +115,28 @@ class _Workspace:
         return self.work.flats, self.work.flats, self.work.views
 
 
+def _check_base_kwargs(kwargs: dict) -> None:
+    """Numbers given to the base optimizer must be finite: torch's own range checks let NaN
+    through (``nan < 0`` is False); the base optimizer checks the rest."""
+    if isinstance(kwargs.get("lr"), bool):
+        raise TypeError(f"lr must be a number, got {kwargs['lr']!r}")
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, Tensor) and v.numel() == 1:
+                v = float(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _fixed_by_preset(preset: str, kwargs: dict, fixed: dict[str, str]) -> None:
+    """A preset sets some APD arguments itself: giving one again is an error that says why."""
+    given = [k for k in fixed if k in kwargs]
+    if given:
+        k = given[0]
+        raise TypeError(f"{preset} does not take {k}=: {fixed[k]}")
+
+
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -123,7 +146,7 @@ def _distributed() -> bool:
 def _corrupt_ids(corrupt: object, groups: list, name: str = "corrupt") -> set:
     """Validate ``corrupt=`` (or the argument ``name``): a non-empty iterable of parameters this
     optimizer holds."""
-    if isinstance(corrupt, (str, bytes, nn.Module, Tensor)):
+    if isinstance(corrupt, (str, bytes, nn.Module, Tensor)) or not isinstance(corrupt, Iterable):
         raise TypeError(f"{name} must be None or an iterable of the optimizer's parameters, got {type(corrupt).__name__}")
     items = list(corrupt)
     if not items or not all(isinstance(p, Tensor) for p in items):
@@ -153,29 +176,44 @@ def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
 
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @contextmanager
-def _frozen_batchnorm_statistics() -> Iterator[None]:
-    """Within the block, every ``_BatchNorm`` that runs in train mode gets its running statistics
-    (and ``num_batches_tracked``) restored bit for bit afterwards: corrupted passes must not move
-    them. A global forward pre-hook finds the modules, so no model handle is needed."""
-    saved: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+def _saved_buffers(batchnorm_only: bool, restore_on_exit: bool) -> Iterator[Callable[[], None]]:
+    """Within the block, the buffers of every module that runs forward are saved before its first
+    forward: with ``batchnorm_only``, the running statistics of each ``_BatchNorm`` in train mode
+    (corrupted passes must not move them), else every buffer (a refused step leaves the model as
+    found, counters included). Yields ``restore()``, which puts them back bit for bit (the same
+    tensor objects, also where a forward replaced one), and calls it on exit when
+    ``restore_on_exit``. A global forward pre-hook finds the modules, so no model handle is needed."""
+    saved: dict[int, tuple[nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
 
     def hook(module: nn.Module, args: Any) -> None:
-        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
-            if id(module) not in saved:
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                saved[id(module)] = (module, [b.detach().clone() for b in bufs])
+        if id(module) in saved:
+            return
+        if batchnorm_only and not (isinstance(module, _BatchNorm) and module.training and module.track_running_stats):
+            return
+        names = _RUNNING_STATISTICS if batchnorm_only else tuple(module._buffers)
+        items = [(n, module._buffers[n], module._buffers[n].detach().clone())
+                 for n in names if module._buffers.get(n) is not None]
+        if items:
+            saved[id(module)] = (module, items)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for module, items in saved.values():
+                for name, buffer, copy in items:
+                    module._buffers[name] = buffer
+                    buffer.copy_(copy)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
-        yield
+        yield restore
     finally:
         handle.remove()
-        with torch.no_grad():
-            for module, copies in saved.values():
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                for b, c in zip(bufs, copies):
-                    b.copy_(c)
+        if restore_on_exit:
+            restore()
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -238,6 +276,9 @@ class APD(torch.optim.Optimizer):
         if not isinstance(include_clean, bool):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
         check_seed(seed)
+        _check_base_kwargs(base_kwargs)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be None or the DDP-wrapped torch.nn.Module, got {type(model).__name__}")
         if distributed == "local" and model is None and torch.distributed.is_available() \
                 and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             warnings.warn("APD(distributed='local') needs model=<the DDP module> to skip the inner all-reduces; "
@@ -317,7 +358,9 @@ class APD(torch.optim.Optimizer):
         is closed) the parameters are back at the clean w bit for bit. After the loop ``.grad``
         holds the averaged gradient (views of one buffer that the next trajectory overwrites:
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
-        ``NonFiniteGradientError`` naming the pass, unless a ``GradScaler`` is given, in which case
+        ``NonFiniteGradientError`` naming the pass, with the parameters and the buffers the clean
+        pass changed (BatchNorm statistics, counters) as they were before the step, unless a
+        ``GradScaler`` is given, in which case
         the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
         recipe in the user guide, docs/guide.md).
         """
@@ -338,11 +381,14 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
+        undo_clean_pass: Optional[Callable[[], None]] = None  # a refused step leaves the buffers as found
         self._in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
-            for t in range(self.steps + 1):
-                with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
+            for t in progress(range(self.steps + 1), min_total=50, desc="APD passes", unit="pass", leave=False):
+                with _saved_buffers(batchnorm_only=t > 0, restore_on_exit=t > 0) as restore_buffers, no_sync():
+                    if t == 0:
+                        undo_clean_pass = restore_buffers
                     yield t
                 with torch.no_grad():
                     grads, seen = ws.take_grads()
@@ -405,6 +451,8 @@ class APD(torch.optim.Optimizer):
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
+            if not self._ready and undo_clean_pass is not None:
+                undo_clean_pass()
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
@@ -416,10 +464,18 @@ class APD(torch.optim.Optimizer):
                 raise RuntimeError("step() without a closure needs a completed trajectory() first")
             self._ready = False
             return self.base_optimizer.step()
+        if not callable(closure):
+            raise TypeError("closure must be callable (zero_grad, forward, backward, return the loss), "
+                            f"got {type(closure).__name__}")
         losses: list = []
-        for _ in self._trajectory(None, losses):
-            with torch.enable_grad():
-                losses.append(closure())
+        with closing(self._trajectory(None, losses)) as passes:  # an error in a pass restores w at once
+            for t in passes:
+                with torch.enable_grad():
+                    loss = closure()
+                if isinstance(loss, Tensor) and loss.numel() != 1:  # found at the first pass, not after all
+                    raise ValueError(f"closure must return the scalar loss of the batch, got a tensor of shape "
+                                     f"{tuple(loss.shape)} in pass t = {t}")
+                losses.append(loss)
         self._ready = False
         self.base_optimizer.step()
         return losses[0]
@@ -452,12 +508,6 @@ class APD(torch.optim.Optimizer):
         )
 
 
-def _check_rho(rho: object) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    return float(rho)
-
-
 class SAM(APD):
     """Sharpness-aware minimization as an APD preset: K = 1, clean loss excluded, L2 ascent of
     radius rho (``e = rho g / ||g||``; adaptive: ``e = rho T^2 g / ||T g||`` with
@@ -465,7 +515,14 @@ class SAM(APD):
 
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, adaptive: bool = False,
                  eta: float = 0.01, **kwargs: Any) -> None:
-        rho = _check_rho(rho)
+        _fixed_by_preset("SAM", kwargs, {
+            "steps": "SAM is one ascent step; for several use APD(steps=K, include_clean=False, budget=...)",
+            "include_clean": "SAM averages only the corrupted pass; APD(include_clean=True) averages the clean one too",
+            "budget": "SAM's budget is the L2 ball of radius rho (element-scaled with adaptive=True); pass rho=",
+            "step_size": "SAM's step is the whole radius rho",
+            "corruption": "SAM's corruption is adversarial; RandomWeightPerturbation is the random one",
+        })
+        rho = check_real("rho", rho)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {adaptive!r}")
         budget = Budget("l2", rho, scale="element" if adaptive else None, eta=eta)
@@ -478,6 +535,11 @@ class OneStepDefense(APD):
     the clean gradient and the gradient at the one-step corruption."""
 
     def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, **kwargs: Any) -> None:
+        _fixed_by_preset("OneStepDefense", kwargs, {
+            "steps": "it is one corruption step; APD(steps=K) is the multi-step defense",
+            "include_clean": "it averages the clean and the corrupted gradient; use APD for other averages",
+            "corruption": "its corruption is the one-step adversarial one; RandomWeightPerturbation is the random one",
+        })
         super().__init__(params, base_optimizer, budget=budget, steps=1, include_clean=True, **kwargs)
 
 
@@ -487,5 +549,8 @@ class RandomWeightPerturbation(APD):
 
     def __init__(self, params: Iterable, base_optimizer: type, budget: Optional[Budget] = None, steps: int = 1,
                  include_clean: bool = False, **kwargs: Any) -> None:
+        _fixed_by_preset("RandomWeightPerturbation", kwargs, {
+            "corruption": "its corruptions are random; APD(corruption='adversarial') is the adversarial defense",
+        })
         super().__init__(params, base_optimizer, budget=budget, steps=steps, include_clean=include_clean,
                          corruption="random", **kwargs)

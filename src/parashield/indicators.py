@@ -12,14 +12,16 @@ docs/guide.md.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count
+from ._checks import check_budget, check_count, check_objective, check_real, check_seed
 from ._krylov import lanczos as _lanczos
+from ._progress import progress
 from .budget import Budget, _flat, _unflat_
 from .corruption import (
     GradientCorruption,
@@ -41,9 +43,8 @@ def loss_change(objective: Objective, budget: Budget, method: str = "first_order
     random boundary corruptions; kwargs ``trials``, ``seed``), ``"one_step"`` and ``"multi_step"``
     (the change the corruption reaches; kwargs of ``MultiStepCorruption`` such as ``steps``).
     """
+    check_objective(objective)
     check_budget(budget)
-    if not isinstance(objective, Objective):
-        raise TypeError(f"objective must be a parashield.Objective, got {type(objective).__name__}")
     if method == "first_order":
         _no_kwargs(method, kwargs)
         with objective.probe() as pr:
@@ -136,7 +137,10 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
     gradient ascent on the model with step ``1 / |lambda_max|``, ``iters`` steps from each of two
     starts (the one-step corruption and a random boundary point, seeded), keeping the best.
     """
+    check_objective(objective)
+    check_budget(budget)
     check_count("iters", iters)
+    check_seed(seed)
     with objective.probe() as pr:
         _, grads = pr.gradient()
         g = _flat(grads).double()
@@ -162,7 +166,7 @@ def second_order(objective: Objective, budget: Budget, iters: int = 50, seed: in
         def ascend(parts: list[Tensor]) -> float:
             a = _flat(parts).double()
             best = -math.inf
-            for _ in range(iters):
+            for _ in progress(range(iters), desc="second-order ascent", unit="step", leave=False):
                 ha = op(a)
                 best = max(best, float(g @ a + 0.5 * (a @ ha)))
                 _unflat_(parts, (a + step * (g + ha)).to(parts[0].dtype))
@@ -183,7 +187,7 @@ def _power_iteration(op, k: int, iters: int, tol: float, seed: int, device) -> f
     v = torch.randn(k, generator=gen, dtype=torch.float64).to(device)
     v /= torch.linalg.vector_norm(v)
     value = 0.0
-    for _ in range(iters):
+    for _ in progress(range(iters), desc="power iteration", unit="hvp", leave=False):
         hv = op(v)
         new = float(v @ hv)
         norm = torch.linalg.vector_norm(hv)
@@ -204,7 +208,10 @@ def hessian_top_eigenvalue(
     ``method="lanczos"`` (default; ``iters`` Krylov vectors, converges much faster) or
     ``"power"`` (power iteration until the Rayleigh quotient changes by less than ``tol``).
     """
+    check_objective(objective)
     check_count("iters", iters)
+    check_real("tol", tol)
+    check_seed(seed)
     if method not in ("lanczos", "power"):
         raise ValueError(f"method must be 'lanczos' or 'power', got {method!r}")
     with objective.probe() as pr:
@@ -221,13 +228,15 @@ def hessian_top_eigenvalue(
 
 def hessian_trace(objective: Objective, samples: int = 100, seed: int = 0) -> float:
     """Hutchinson estimate ``E[v.H.v]`` of the Hessian trace with Rademacher vectors (seeded)."""
+    check_objective(objective)
     check_count("samples", samples)
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     total = 0.0
     with objective.probe() as pr:
         check_finite(pr.loss(), "loss")
         op = _FlatHessian(pr)
-        for _ in range(samples):
+        for _ in progress(range(samples), desc="Hessian trace", unit="sample", leave=False):
             v = (torch.randint(0, 2, (objective.numel,), generator=gen).double() * 2 - 1).to(objective.device)
             total += float(v @ op(v))
     return total / samples
@@ -242,6 +251,9 @@ class LayerVulnerability:
     numel: int
     value: float
 
+    def __repr__(self) -> str:
+        return f"LayerVulnerability({self.name!r}, numel={self.numel}, value={self.value:.6g})"
+
 
 def layer_vulnerability(
     objective: Objective, budget: Budget, method: str = "first_order", by: str = "parameter", **kwargs
@@ -252,6 +264,8 @@ def layer_vulnerability(
     their owning module. ``first_order`` reuses one gradient for all layers; other methods run
     once per layer.
     """
+    check_objective(objective)
+    check_budget(budget)
     if by not in ("parameter", "module"):
         raise ValueError(f"by must be 'parameter' or 'module', got {by!r}")
     groups: dict[str, list[int]] = {}
@@ -267,7 +281,7 @@ def layer_vulnerability(
                 value = budget.ascent_value([grads[i] for i in idx], [pr.clean[i] for i in idx])
                 rows.append(LayerVulnerability(key, sum(objective.params[i].numel() for i in idx), float(value)))
     else:
-        for key, idx in groups.items():
+        for key, idx in progress(groups.items(), desc=f"layer vulnerability ({method})", unit="layer", leave=False):
             sub = objective.restrict([objective.params[i] for i in idx])  # tensors: names may hold glob characters
             rows.append(LayerVulnerability(key, sub.numel, loss_change(sub, budget, method, **kwargs)))
     return sorted(rows, key=lambda r: r.value, reverse=True)
@@ -292,14 +306,34 @@ def critical_eps(
     over the trials. The search doubles eps from ``eps_start`` (default: the budget's eps) until
     the drop is reached (at most ``max_doublings`` times, else ``inf``), then bisects ``iters``
     times between the last eps without the drop and the first with it; it assumes the drop grows
-    with eps and returns the upper end of the final bracket.
+    with eps and returns the upper end of the final bracket. A metric that returns NaN raises
+    ValueError (no drop can be measured from it), and so do ``max_doublings`` that would double
+    eps past the largest float.
     """
+    check_objective(objective)
     check_budget(budget)
     check_count("iters", iters)
     check_count("max_doublings", max_doublings)
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not math.isfinite(drop) or drop <= 0:
-        raise ValueError(f"drop must be a finite positive number, got {drop!r}")
+    if not callable(metric):
+        raise TypeError(f"metric must be callable as metric(model) -> float, got {type(metric).__name__}")
+    check_real("drop", drop, positive=True)
+    start = budget.eps if eps_start is None else check_real("eps_start", eps_start, positive=True)
+    hi, lo = start or 1e-3, 0.0
+    try:
+        math.ldexp(hi, max_doublings)
+    except OverflowError:
+        most = math.floor(math.log2(sys.float_info.max) - math.log2(hi))
+        raise ValueError(f"max_doublings={max_doublings} doubles eps {hi:g} past the largest float; "
+                         f"at most {most} doublings are possible") from None
+    make_corruption(corruption, budget, **corruption_kwargs)  # a bad name or option fails before any work
     model = objective.model
+
+    def value(eps: Optional[float]) -> float:
+        out = float(metric(model))
+        if math.isnan(out):
+            where = "the clean model" if eps is None else f"eps = {eps:g}"
+            raise ValueError(f"metric returned NaN on {where}: a drop cannot be measured from NaN")
+        return out
 
     def measured(eps: float) -> float:
         with preserved_modes(model, False):
@@ -309,22 +343,21 @@ def critical_eps(
                 values = []
                 for delta in rc.samples(objective):
                     with corrupted(model, dict(zip(objective.names, delta))):
-                        values.append(float(metric(model)))
+                        values.append(value(eps))
                 return sum(values) / len(values)
             result = make_corruption(corruption, b, **corruption_kwargs)(objective)
             with corrupted(model, result):
-                return float(metric(model))
+                return value(eps)
 
     with preserved_modes(model, False):
-        base = float(metric(model))
-    hi, lo = float(eps_start if eps_start is not None else budget.eps) or 1e-3, 0.0
-    for _ in range(max_doublings + 1):
+        base = value(None)
+    for _ in progress(range(max_doublings + 1), desc="critical eps: doubling", unit="eps", leave=False):
         if base - measured(hi) >= drop:
             break
         lo, hi = hi, 2 * hi
     else:
         return math.inf
-    for _ in range(iters):
+    for _ in progress(range(iters), desc="critical eps: bisection", unit="eps", leave=False):
         mid = 0.5 * (lo + hi)
         if base - measured(mid) >= drop:
             hi = mid

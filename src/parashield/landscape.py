@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_seed, check_vectorize
+from ._checks import check_bool, check_count, check_memory, check_objective, check_seed, check_vectorize
 from ._progress import progress
 from .budget import Budget
 from .corruption import CORRUPTION_KINDS, make_corruption
@@ -42,7 +42,9 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
     norm of the same filter of w, and parameters with one dimension (biases, norm layers) get a
     zero direction, the usual convention: their scale is not comparable to the weights'.
     """
+    check_objective(objective)
     check_seed(seed)
+    check_bool("filter_normalized", filter_normalized)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for w in objective.params:
@@ -64,6 +66,7 @@ def random_direction(objective: Objective, seed: int = 0, filter_normalized: boo
 def corruption_direction(objective: Objective, kind: str, budget: Budget, **kwargs: Any) -> Tensors:
     """The delta of the corruption ``make_corruption(kind, budget, **kwargs)`` finds on
     ``objective``, in ``objective.params`` order: ``alpha = 1`` is that corruption."""
+    check_objective(objective)
     if kind not in CORRUPTION_KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, CORRUPTION_KINDS))}; got {kind!r}")
     result = make_corruption(kind, budget, **kwargs)(objective)
@@ -73,6 +76,7 @@ def corruption_direction(objective: Objective, kind: str, budget: Budget, **kwar
 # ------------------------------------------------------------------------------ evaluation
 def _check_direction(objective: Objective, direction: object, name: str) -> Tensors:
     """``direction`` as detached tensors on each parameter's device and dtype, checked."""
+    check_objective(objective)
     if not isinstance(direction, Sequence):
         raise TypeError(f"{name} must be a list of tensors aligned with objective.params, got {type(direction).__name__}")
     if len(direction) != len(objective.params):
@@ -115,6 +119,8 @@ def _losses_at(objective: Objective, directions: Sequence[Tensors], coords: Tens
     """
     size = DEFAULT_BATCH_SIZE if batch_size is None else check_count("batch_size", batch_size)
     check_vectorize(vectorize)
+    chunk = min(size, len(coords))
+    check_memory(8 * chunk * objective.numel, f"a chunk of {chunk} points (batch_size)", objective.device)
 
     # Per parameter the directions stacked (K, *shape): a chunk of points is one tensordot each.
     stacked = [torch.stack(column) for column in zip(*directions)]
@@ -150,6 +156,8 @@ def loss_surface(objective: Objective, d1: Sequence[Tensor], d2: Sequence[Tensor
     float64; evaluation and non-finite losses as in ``loss_line``."""
     dirs = [_check_direction(objective, d1, "d1"), _check_direction(objective, d2, "d2")]
     a, b = _check_coords(alphas, "alphas"), _check_coords(betas, "betas")
+    # the grid's coordinates, losses and their copies: ~48 bytes a point
+    check_memory(48 * len(a) * len(b), f"a grid of {len(a)} x {len(b)} points (alphas x betas)", torch.device("cpu"))
     grid = torch.cartesian_prod(a, b)  # row-major: alpha i, beta j is row i * len(b) + j
     return _losses_at(objective, dirs, grid, batch_size, vectorize, "loss surface").reshape(len(a), len(b))
 

@@ -3,16 +3,17 @@ parameters.
 
 ``Objective.probe()`` is the one place where the model is touched: it puts the model in eval mode
 (or keeps train mode on request), saves the selected parameters once, and on exit restores
-parameters, buffers, ``.grad``, modes and ``requires_grad`` flags exactly as found, also when an
-exception or KeyboardInterrupt escapes (buffers are snapshot and restored when
-``train_mode=True``, the only mode in which a forward pass changes them). Gradients are taken with ``torch.autograd.grad``, so the
-user's ``.grad`` fields are never written.
+parameters, buffers (also ones a forward pass changes in eval mode, such as a call counter, or
+replaces), ``.grad``, modes and ``requires_grad`` flags exactly as found, also when an exception or
+KeyboardInterrupt escapes. Gradients are taken with ``torch.autograd.grad``, so the user's
+``.grad`` fields are never written.
 
 Conventions (loss over several batches, eval mode): docs/method.md, "Notation".
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,6 +30,9 @@ Tensors = list[Tensor]
 LossFn = Callable[[nn.Module, Any], Tensor]
 
 
+NO_EXAMPLE = "data yielded no batch with at least one example (a batch of 0 rows weighs 0)"
+
+
 class NonFiniteLossError(ValueError):
     """The loss (or its gradient) is NaN or infinite."""
 
@@ -41,6 +45,35 @@ def is_single_batch(data: Any) -> bool:
     if isinstance(data, list):
         return bool(data) and all(isinstance(x, Tensor) for x in data)  # [] holds no batch
     return False
+
+
+#: First-argument names that say a function takes a model's output, not the model.
+_OUTPUT_NAMES = {"output", "outputs", "out", "logits", "pred", "preds", "prediction", "predictions", "y_pred",
+                 "y_hat", "yhat", "scores", "input", "inputs"}
+
+
+def _loss_hint(loss_fn: Any) -> Optional[str]:
+    """Why ``loss_fn`` cannot be a ``loss_fn(model, batch)``, when that is visible up front: a
+    torch loss, a function whose first argument is named like an output, or one that cannot take
+    two positional arguments."""
+    if isinstance(loss_fn, nn.modules.loss._Loss) or getattr(loss_fn, "__module__", None) == "torch.nn.functional":
+        return f"{getattr(loss_fn, '__name__', type(loss_fn).__name__)} takes (output, target)"
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins without a signature: judged when called
+        return None
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        return f"loss_fn{signature} cannot be called with two arguments"
+    first = next(iter(signature.parameters), None)
+    if first in _OUTPUT_NAMES:
+        return f"loss_fn{signature} looks like a function of the model's output"
+    return None
+
+
+_SIGNATURE = ("loss_fn is called as loss_fn(model, batch) and returns the batch's mean loss, e.g. "
+              "lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1])")
 
 
 def batch_size(batch: Any) -> int:
@@ -94,17 +127,64 @@ def check_finite(value: Tensor, what: str) -> float:
     return out
 
 
+def _floating_dtypes(batch: Any) -> set[torch.dtype]:
+    """The floating-point dtypes of the tensors of a (nested) batch."""
+    if isinstance(batch, Tensor):
+        return {batch.dtype} if batch.is_floating_point() else set()
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    return set().union(*(_floating_dtypes(x) for x in items))
+
+
+def _dtype_mismatch(model: nn.Module, batch: Any) -> Optional[str]:
+    """Where a batch's floating dtypes are not the model's: what to convert."""
+    have = _floating_dtypes(batch)
+    want = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not have or not want or have <= want:
+        return None
+    have_names, want_names = ("/".join(sorted(str(d).removeprefix("torch.") for d in ds)) for ds in (have, want))
+    return (f"the batch holds {have_names} tensors, the model's parameters are {want_names}: convert the data "
+            f"(e.g. x.to({sorted(map(str, want))[0]})) or the model")
+
+
+def call_loss(loss_fn: LossFn, model: nn.Module, batch: Any) -> Tensor:
+    """``loss_fn(model, batch)``, checked to be a floating-point scalar tensor; a loss function
+    written as ``(output, target)`` gets an error that shows the expected signature."""
+    try:
+        loss = loss_fn(model, batch)
+    except (TypeError, AttributeError) as exc:
+        if type(model).__name__ not in str(exc):  # not the model mistaken for an output: the user's own error
+            raise
+        raise TypeError(f"loss_fn failed on the model ({exc}): {_SIGNATURE}") from exc
+    except RuntimeError as exc:
+        mismatch = _dtype_mismatch(model, batch) if "type" in str(exc) else None
+        if mismatch is None:
+            raise
+        raise TypeError(f"loss_fn failed ({exc}): {mismatch}") from exc
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}; {_SIGNATURE}")
+    if not loss.is_floating_point():
+        raise TypeError(f"loss_fn returned a {loss.dtype} tensor: the loss must be a real floating-point scalar")
+    if loss.numel() != 1:
+        raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(loss.shape)}")
+    return loss
+
+
 class Objective:
     """``L(w + a)`` for a model, ``loss_fn(model, batch) -> scalar tensor`` and data.
 
     Args:
         model: the network; only the selected parameters are ever changed (and restored).
-        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of the batch as a scalar.
+        loss_fn: ``loss_fn(model, batch)`` returning the mean loss of the batch as a
+            floating-point scalar tensor computed from ``model(...)`` (not detached: attacks
+            differentiate it). A torch loss such as ``nn.CrossEntropyLoss()`` takes
+            ``(output, target)`` and is refused with the line to write instead.
         data: one batch (a tensor, tuple, dict or list of tensors) or a re-iterable of batches
             (a DataLoader, a list of batches); over several batches the loss is the
-            example-weighted mean, the weight being the leading dimension of each batch.
+            example-weighted mean, the weight being the leading dimension of each batch (a
+            batch of 0 rows weighs 0). Empty data is refused.
         params: which parameters are variables (see ``select_parameters``); default all
-            trainable floating-point parameters.
+            trainable floating-point parameters. One frozen later (``requires_grad=False``)
+            drops out of ``params``: frozen tensors are never touched.
         train_mode: evaluate in train mode (BatchNorm batch statistics, dropout) instead of eval
             mode; buffers such as running statistics are restored afterwards.
     """
@@ -120,6 +200,9 @@ class Objective:
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        hint = _loss_hint(loss_fn)
+        if hint:
+            raise TypeError(f"{hint}, but {_SIGNATURE}")
         if isinstance(data, Iterator):
             raise TypeError(
                 "data must be one batch or a re-iterable of batches (a DataLoader or a list); "
@@ -127,15 +210,45 @@ class Objective:
             )
         if not is_single_batch(data) and not isinstance(data, Iterable):
             raise TypeError(f"data must be a batch or an iterable of batches, got {type(data).__name__}")
+        if isinstance(data, (tuple, list, Mapping, str, bytes)) and len(data) == 0:
+            raise ValueError(f"data is empty ({data!r}): give one batch or a list of batches")
         if not isinstance(train_mode, bool):
             raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
         named = select_parameters(model, params)
+        meta = [n for n, p in named if p.is_meta]
+        if meta:
+            raise ValueError(f"parameters {meta[:3]} are on the meta device (shapes without values): "
+                             "materialize the model (e.g. model.to_empty(device=...) and load its weights) first")
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
         self.train_mode = train_mode
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self._named = named
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the selected parameters that are trainable now (see ``params``)."""
+        return [n for n, _ in self._trainable()]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """The selected parameters, less any frozen (``requires_grad=False``) since the objective
+        was built: frozen tensors are never touched."""
+        return [p for _, p in self._trainable()]
+
+    def _trainable(self) -> list[tuple[str, nn.Parameter]]:
+        named = [(n, p) for n, p in self._named if p.requires_grad]
+        if not named:
+            raise ValueError("every parameter of the objective was frozen (requires_grad=False) after it was built: "
+                             "nothing is left to corrupt")
+        return named
+
+    def __repr__(self) -> str:
+        data = "1 batch" if is_single_batch(self.data) else (
+            f"{len(self.data)} batches" if hasattr(self.data, "__len__") else type(self.data).__name__)
+        loss_fn = getattr(self.loss_fn, "__name__", type(self.loss_fn).__name__)
+        return (f"Objective(model={type(self.model).__name__}, loss_fn={loss_fn}, {len(self.params)} tensors / "
+                f"{self.numel} parameters, data={data}, train_mode={self.train_mode})")
 
     @property
     def device(self) -> torch.device:
@@ -157,17 +270,18 @@ class Objective:
     def probe(self) -> Iterator["Probe"]:
         """Context in which the parameters can be moved to ``w + a`` and the loss, gradient and
         Hessian-vector products taken; restores the model exactly on exit."""
-        buffers = [b.detach().clone() for b in self.model.buffers()] if self.train_mode else None
+        buffers = [(m, name, b, b.detach().clone()) for m in self.model.modules()
+                   for name, b in m._buffers.items() if b is not None]
         probe = Probe(self)
         try:
             with preserved_modes(self.model, self.train_mode):
                 yield probe
         finally:
             probe.set(None)
-            if buffers is not None:
-                with torch.no_grad():
-                    for b, saved in zip(self.model.buffers(), buffers):
-                        b.copy_(saved)
+            with torch.no_grad():
+                for module, name, b, saved in buffers:
+                    module._buffers[name] = b  # a forward may have replaced it (self.count = self.count + 1)
+                    b.copy_(saved)
 
     # One-shot conveniences -------------------------------------------------------------------
     def loss(self, delta: Optional[Sequence[Tensor]] = None, data: Any = None) -> float:
@@ -236,17 +350,22 @@ class Probe:
                     raise ValueError(f"delta has {len(delta)} tensors, the selection has {len(self.params)}")
                 torch._foreach_add_(self.params, list(delta))
 
-    def _losses(self, data: Any) -> Iterator[tuple[Tensor, int]]:
+    def _losses(self, data: Any, differentiable: bool = False) -> Iterator[tuple[Tensor, int]]:
+        """``(loss, examples)`` per batch with at least one example (a batch of 0 rows weighs 0:
+        its mean loss would be NaN). ``differentiable``: the loss must depend on the parameters."""
         obj = self.objective
         device = obj.device
         for batch in obj.batches(data):
-            batch = to_device(batch, device)
-            loss = obj.loss_fn(obj.model, batch)
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"loss_fn must return a scalar torch.Tensor, got {type(loss).__name__}")
-            if loss.numel() != 1:
-                raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(loss.shape)}")
-            yield loss.reshape(()), batch_size(batch)
+            n = batch_size(batch)
+            if n == 0:
+                continue
+            loss = call_loss(obj.loss_fn, obj.model, to_device(batch, device))
+            if differentiable and not loss.requires_grad:
+                raise ValueError(
+                    "loss_fn returned a loss that does not require grad: it must be computed from model(...) "
+                    "without .detach(), .item(), torch.no_grad() or a cast to an integer dtype"
+                )
+            yield loss.reshape(()), n
 
     def loss(self, data: Any = None) -> Tensor:
         """Example-weighted mean loss at the current parameters (0-dim tensor, float64)."""
@@ -257,7 +376,7 @@ class Probe:
                 total = term if total is None else total + term
                 count += n
         if total is None:
-            raise ValueError("data yielded no batch")
+            raise ValueError(NO_EXAMPLE)
         return total / count
 
     def gradient(self, data: Any = None, check: bool = True) -> tuple[Tensor, Tensors]:
@@ -266,7 +385,7 @@ class Probe:
         as +inf when either is not finite (a corrupted model whose loss overflowed)."""
         total, count, acc, batches = None, 0, None, 0
         with torch.enable_grad():  # also inside the caller's no_grad(), as evaluation code often is
-            for loss, n in self._losses(data):
+            for loss, n in self._losses(data, differentiable=True):
                 grads = _own_memory(torch.autograd.grad(loss, self.params, allow_unused=True), self.params)
                 term = loss.detach().double() * n
                 if acc is None:  # one batch: its gradient as it is, no scaling passes
@@ -279,7 +398,7 @@ class Probe:
                 count += n
                 batches += 1
         if acc is None:
-            raise ValueError("data yielded no batch")
+            raise ValueError(NO_EXAMPLE)
         if batches > 1:
             torch._foreach_div_(acc, float(count))
         loss = total / count
@@ -310,16 +429,18 @@ class Probe:
         total, count = None, 0
         with torch.no_grad():
             for batch in obj.batches(data):
+                n = batch_size(batch)
+                if n == 0:
+                    continue
                 batch = to_device(batch, obj.device)
                 values = vmap(one, in_dims=(0, None))(params, batch)
                 if values.shape != (r,):
                     raise ValueError(f"loss_fn must return a scalar tensor (the batch mean), got shape {tuple(values.shape[1:])}")
-                n = batch_size(batch)
                 term = values.double() * n
                 total = term if total is None else total + term
                 count += n
         if total is None:
-            raise ValueError("data yielded no batch")
+            raise ValueError(NO_EXAMPLE)
         return total / count
 
     def stacked_losses_of(self, chunks: Iterable[Sequence[Tensor]], vectorize: Union[bool, str] = "auto",
@@ -354,7 +475,7 @@ class Probe:
         acc, count = None, 0
         vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params)]
         with torch.enable_grad():
-            for loss, n in self._losses(data):
+            for loss, n in self._losses(data, differentiable=True):
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]
                 dot = sum((g * v).sum() for g, v in pairs)
@@ -369,6 +490,6 @@ class Probe:
                     torch._foreach_add_(acc, hv, alpha=float(n))
                 count += n
         if acc is None:
-            raise ValueError("data yielded no batch")
+            raise ValueError(NO_EXAMPLE)
         torch._foreach_div_(acc, float(count))
         return acc

@@ -68,6 +68,20 @@ class Int8Quantization:
         """``codes * scale`` of tensor i, in its parameter's dtype."""
         return (codes.float() * self.scales[i]).to(self.params[i].dtype)
 
+    def check_current(self) -> None:
+        """Raise ValueError if a parameter no longer holds its dequantized codes (it was trained,
+        loaded or edited after ``quantize_``): flips of stale codes would write old weights back."""
+        with torch.no_grad():
+            stale = [n for i, (n, p) in enumerate(zip(self.names, self.params))
+                     if not torch.equal(p.detach(), self.dequantize_one(i, self.codes[i]))]
+        if stale:
+            raise ValueError(f"the quantization is stale: parameters {stale[:3]} changed since quantize_(); "
+                             "call quantize_() again on the current weights")
+
+    def __repr__(self) -> str:
+        return (f"Int8Quantization({len(self.codes)} tensors, {self.numel} codes, granularity={self.granularity!r}, "
+                f"names={self.names[:3] + (['...'] if len(self.names) > 3 else [])})")
+
 
 def quantize_(model: nn.Module, params: ParamSpec = None, granularity: str = "channel") -> Int8Quantization:
     """Quantize the selected weights of ``model`` to symmetric int8, in place: each parameter is
@@ -90,6 +104,15 @@ def quantize_(model: nn.Module, params: ParamSpec = None, granularity: str = "ch
     if not named:
         raise ValueError("no parameters selected for quantization: pass params= naming float weights")
     names, plist = [n for n, _ in named], [p for _, p in named]
+    meta = [n for n, p in named if p.is_meta]
+    if meta:
+        raise ValueError(f"parameters {meta[:3]} are on the meta device (no values to quantize): "
+                         "materialize the model first")
+    finite = torch.stack([torch.isfinite(p.detach()).all().cpu() for p in plist])
+    if not bool(finite.all()):  # one NaN would make its scale 1 and every code 0; one inf, its channel NaN
+        bad = [n for n, ok in zip(names, finite.tolist()) if not ok]
+        raise ValueError(f"parameters {bad[:3]} hold NaN or infinite values, which int8 codes cannot represent; "
+                         "nothing was quantized")
     scales = [_scale(p, granularity) for p in plist]
     # Codes are contiguous whatever the parameter's layout: flips address them by row-major index.
     codes = [torch.round(p.detach().float() / s).clamp_(-QMAX, QMAX).to(torch.int8).contiguous()

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 #: What ``params=`` accepts: ``None`` (all trainable float parameters), a name or glob pattern, a
-#: list of names/patterns, a module class or tuple of classes, a submodule of the model, a
+#: list of names/patterns, a module class or a tuple/list of classes, a submodule of the model, a
 #: predicate ``(name, param) -> bool`` or an iterable of ``nn.Parameter`` objects of the model.
 ParamSpec = Union[
     None,
@@ -29,7 +29,7 @@ ParamSpec = Union[
 ]
 
 _ACCEPTED = (
-    "None, a name or glob pattern, a list of names/patterns, a module class or tuple of classes, "
+    "None, a name or glob pattern, a list of names/patterns, a module class or a tuple/list of classes, "
     "a submodule, a predicate (name, param) -> bool, or an iterable of the model's parameters"
 )
 
@@ -79,6 +79,8 @@ def select_parameters(model: nn.Module, params: ParamSpec = None) -> list[tuple[
             items = list(params)
         except TypeError:
             raise TypeError(f"params must be {_ACCEPTED}; got {type(params).__name__}") from None
+        if items and all(isinstance(i, type) for i in items):  # a list of module classes, as a tuple
+            return select_parameters(model, tuple(items))
         if items and all(isinstance(i, str) for i in items):
             all_names = [n for n, _ in model.named_parameters()]
             keep = set().union(*(_matching(all_names, pat) for pat in items))
