@@ -13,7 +13,6 @@ from torch.func import functional_call
 import parashield as ps
 from parashield._krylov import eigenpairs, hutchinson, hutchpp, lanczos, quadrature
 
-from conftest import make_mlp
 
 
 def _matrix(spectrum, seed=0):

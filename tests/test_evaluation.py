@@ -5,7 +5,6 @@ digits model at fewer passes, and leaves the model as found."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
