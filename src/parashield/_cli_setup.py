@@ -59,7 +59,12 @@ class Setup:
 
     def objective(self, split: str = "train") -> Objective:
         """The objective on the ``train`` (attack) or ``test`` split."""
-        return Objective(self.model, self.loss_fn, self.attack_data if split == "train" else self.test_data)
+        data = self.attack_data if split == "train" else self.test_data
+        try:
+            return Objective(self.model, self.loss_fn, data)
+        except (TypeError, ValueError) as exc:  # e.g. a data factory that yielded no batch
+            raise CommandError(f"the {split} split of {self.source}: {exc}"
+                               + ("; the data yielded no batch" if "empty" in str(exc) else "")) from None
 
     def describe(self) -> dict:
         """Model, weights, device and split sizes, for the printed header and the JSON output."""
