@@ -887,6 +887,39 @@ def test_gradient_accumulation_equals_large_batch():
         assert_close(model.parameters(), big.parameters(), atol=1e-10)
 
 
+@pytest.mark.parametrize("how", ["closure", "trajectory"])
+def test_pending_gradients_from_an_outside_backward_are_refused_not_dropped(how, bookkeeping):
+    """A framework's accumulation leaves micro-batch gradients in .grad before the step: the step
+    must refuse, leaving parameters and those gradients untouched, not silently discard them."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    mse(model, x[:8], y[:8]).backward()
+    pending = [p.grad.clone() for p in model.parameters()]
+    w = clone_params(model)
+    with pytest.raises(RuntimeError, match="already hold gradients.*zero_grad"):
+        if how == "closure":
+            opt.step(closure_for(opt, model, x, y))
+        else:
+            for _ in opt.trajectory():
+                mse(model, x, y).backward()
+    assert_params_equal(model, w)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), pending))
+
+
+def test_zero_filled_gradients_are_not_pending():
+    """zero_grad(set_to_none=False) leaves zeros: nothing is lost, the step runs as from None."""
+    model, ref = mlp(0), mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt_ref = ps.APD(ref.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    mse(model, x, y).backward()
+    opt.zero_grad(set_to_none=False)
+    opt.step(closure_for(opt, model, x, y))
+    opt_ref.step(closure_for(opt_ref, ref, x, y))
+    assert_params_equal(model, clone_params(ref))
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. checkpoints: bit-identical resume, atomic write, weights_only load
 # ---------------------------------------------------------------------------------------------

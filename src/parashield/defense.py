@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -145,6 +146,39 @@ def _finiteness_probe(grads: Tensors) -> Tensor:
     return torch.stack(norms).amax()
 
 
+def _grad_marks(params: Tensors) -> dict[int, tuple]:
+    """What the defense itself left in ``.grad`` (the averaged gradient): the tensor (weakly) and
+    its version counter, so that a later in-place accumulation into it is told apart."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+
+def _own(g: Tensor, mark: Optional[tuple]) -> bool:
+    return mark is not None and mark[0]() is g and g._version == mark[1]
+
+
+def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple]) -> None:
+    """Refuse to start a trajectory over gradients an earlier ``backward()`` left in ``.grad``
+    (a framework's gradient accumulation, an outside backward): every pass's gradient is taken
+    at its own corruption, so they could be neither kept nor averaged in, and dropping them would
+    lose them silently. The defense's own averaged gradient of the last step (``left``, untouched
+    since) and zeros (``zero_grad(set_to_none=False)``) are fine; the check costs one host sync,
+    and only when some other ``.grad`` is set."""
+    held = [p.grad for p in params if p.grad is not None and not _own(p.grad, left.get(id(p)))]
+    if not held:
+        return
+    nonzero = [(g._values() if g.is_sparse else g).ne(0).any() for g in held]
+    if len({t.device for t in nonzero}) > 1:
+        nonzero = [t.cpu() for t in nonzero]
+    if bool(torch.stack(nonzero).any()):
+        raise RuntimeError(
+            "the parameters already hold gradients from an earlier backward() (an outside backward or a "
+            "framework's gradient accumulation) when the defense step starts; APD/SAM compute every pass's "
+            "gradient at that pass's corruption and cannot include them. Call optimizer.zero_grad() before "
+            "the step and accumulate micro-batches inside the closure or the trajectory() body (one backward "
+            "per micro-batch per pass); for Trainer/Lightning/Accelerate see parashield.integrations"
+        )
+
+
 def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
@@ -259,6 +293,7 @@ class APD(torch.optim.Optimizer):
         self._workspace: Optional[_Workspace] = None
         self._in_trajectory = False
         self._ready = False  # a trajectory has left averaged gradients for the base step
+        self._left: dict[int, tuple] = {}  # the averaged gradients it left (see _grad_marks)
 
     # ------------------------------------------------------------------ the core
     def _parameters(self) -> Tensors:
@@ -334,6 +369,8 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
+        _check_no_pending_gradients(params, self._left)
+        self._left = {}
         self._in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
@@ -380,6 +417,7 @@ class APD(torch.optim.Optimizer):
                 for p, g, r in zip(params, final, reached):
                     # no gradient in the clean pass: None, as plain training leaves it
                     p.grad = g if r or everywhere else None
+                self._left = _grad_marks(params)
                 if scaler is None:
                     if len({(f.device, f.dtype) for f in flags}) > 1:
                         flags = [f.to(flags[0].device, torch.float64) for f in flags]
@@ -401,6 +439,9 @@ class APD(torch.optim.Optimizer):
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
+            if not self._left:  # abandoned before the average: what .grad holds is one pass's leftover
+                for p in params:
+                    p.grad = None
 
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
@@ -409,16 +450,29 @@ class APD(torch.optim.Optimizer):
         stops the step like a non-finite gradient (also a loss term without gradient)."""
         if closure is None:
             if not self._ready:
-                raise RuntimeError("step() without a closure needs a completed trajectory() first")
+                raise RuntimeError(
+                    "step() without a closure needs a completed trajectory() first: a plain "
+                    "'loss.backward(); optimizer.step()' loop gives one gradient, the defense needs K+1 passes. "
+                    "Write 'optimizer.step(closure)' (closure: zero_grad, forward, backward, return loss) or "
+                    "'for _ in optimizer.trajectory(): loss_fn(model(x), y).backward()' then 'optimizer.step()'; "
+                    "for Trainer/Lightning/Accelerate see parashield.integrations"
+                )
             self._ready = False
-            return self.base_optimizer.step()
+            return self._base_step()
         losses: list = []
         for _ in self._trajectory(None, losses):
             with torch.enable_grad():
                 losses.append(closure())
         self._ready = False
-        self.base_optimizer.step()
+        self._base_step()
         return losses[0]
+
+    def _base_step(self) -> Optional[Tensor]:
+        """The base optimizer's step; whatever it or a clipping did to ``.grad`` before it still
+        counts as the defense's own gradient for the next step's pending-gradient check."""
+        out = self.base_optimizer.step()
+        self._left = _grad_marks(self._parameters())
+        return out
 
     # ------------------------------------------------------------------ torch.optim citizenship
     def state_dict(self) -> dict:
