@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ._checks import check_budget, check_count, check_seed, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
 from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
+from .selection import resolve_names
 
 Tensors = list[Tensor]
 
@@ -297,11 +298,7 @@ def corrupted(
         delta = corruption
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
-    named = dict(model.named_parameters())
-    unknown = [n for n in delta if n not in named]
-    if unknown:
-        raise ValueError(f"corruption names parameters the model does not have: {unknown[:5]}")
-    params = [named[n] for n in delta]
+    params = resolve_names(model, delta, "corruption")
     for n, p in zip(delta, params):
         if tuple(delta[n].shape) != tuple(p.shape):
             raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")

@@ -85,6 +85,7 @@ class _Workspace:
         self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
         self.budget_clean = self.clean.views if self.work is None else self.clean.flats
         self.geometry = Geometry(self.budget_clean)  # refreshed at each step's w
+        self.batchnorms: Optional[list[nn.Module]] = None  # found by the first clean pass
 
     def take_grads(self) -> tuple[Tensors, list[bool]]:
         """The gradients of the pass just run, owned by the defense from here on: every ``.grad``
@@ -183,28 +184,57 @@ def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
 
+def _running_statistics(module: nn.Module) -> list[Tensor]:
+    """The buffers a train-mode forward of a BatchNorm moves."""
+    return [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+
+
+def _batchnorms(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+_GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
+
+
 @contextmanager
-def _frozen_batchnorm_statistics() -> Iterator[None]:
-    """Within the block, every ``_BatchNorm`` that runs in train mode gets its running statistics
-    (and ``num_batches_tracked``) restored bit for bit afterwards: corrupted passes must not move
-    them. A global forward pre-hook finds the modules, so no model handle is needed."""
-    saved: dict[int, tuple[nn.Module, list[Tensor]]] = {}
+def _discovering_batchnorms(found: list[nn.Module]) -> Iterator[None]:
+    """Within the block (one clean forward), collect into ``found`` the BatchNorms of every model
+    that runs, so that no model handle is needed: a global forward pre-hook walks the subtree of
+    each module it sees first. Compiled code (``torch.compile(model)``, ``model.compile()``) runs
+    eagerly for this one pass (``set_stance("force_eager")``), since hooks do not fire inside it,
+    and registering one there would recompile the model at every pass."""
+    walked: set[int] = set()
 
     def hook(module: nn.Module, args: Any) -> None:
-        if isinstance(module, _BatchNorm) and module.training and module.track_running_stats:
-            if id(module) not in saved:
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                saved[id(module)] = (module, [b.detach().clone() for b in bufs])
+        if id(module) not in walked:
+            for m in module.modules():
+                if id(m) not in walked:
+                    walked.add(id(m))
+                    if isinstance(m, _BatchNorm) and m.track_running_stats:
+                        found.append(m)
 
+    set_stance = getattr(torch.compiler, "set_stance", None)
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with warnings.catch_warnings(), (set_stance("force_eager") if set_stance else nullcontext()):
+            warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)  # the hook is meant to fire there
+            yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _frozen_statistics(batchnorms: list[nn.Module]) -> Iterator[None]:
+    """Restore the running statistics (and ``num_batches_tracked``) of ``batchnorms`` bit for bit
+    after the block: corrupted passes must not move them. Restoring buffers, rather than patching
+    momentum, is exact and works in compiled code without recompiling it."""
+    saved = [[b.detach().clone() for b in _running_statistics(m)] for m in batchnorms]
     try:
         yield
     finally:
-        handle.remove()
         with torch.no_grad():
-            for module, copies in saved.values():
-                bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
-                for b, c in zip(bufs, copies):
+            for module, copies in zip(batchnorms, saved):
+                for b, c in zip(_running_statistics(module), copies):
                     b.copy_(c)
 
 
@@ -234,7 +264,10 @@ class APD(torch.optim.Optimizer):
             all-reduces the averaged gradient once per step (communication equals plain SGD);
             ``"sync"`` lets DDP average every pass, which equals single-process APD on the union
             of the workers' batches.
-        model: the DDP-wrapped model (only needed for ``distributed="local"`` under DDP).
+        model: the model being trained (optional): the DDP-wrapped model for
+            ``distributed="local"``; also where the BatchNorms are found whose running statistics
+            corrupted passes must not move. Without it they are found by the first clean pass,
+            which runs eagerly (also for a compiled model) with a global forward pre-hook.
         seed: seed of the random corruptions (``corruption="random"``).
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
     """
@@ -362,6 +395,9 @@ class APD(torch.optim.Optimizer):
             raise ValueError("no parameter of this optimizer requires grad")
         self._ready = False
         ws = self._workspace_for(params)
+        if ws.batchnorms is None and self.model is not None:
+            ws.batchnorms = _batchnorms(self.model)
+        discovered: list[nn.Module] = []
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
         count = self.steps + (1 if self.include_clean else 0)
         first = 0 if self.include_clean else 1
@@ -375,11 +411,17 @@ class APD(torch.optim.Optimizer):
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in range(self.steps + 1):
-                with (_frozen_batchnorm_statistics() if t > 0 else nullcontext()), no_sync():
+                if t == 0:
+                    guard = nullcontext() if ws.batchnorms is not None else _discovering_batchnorms(discovered)
+                else:
+                    guard = _frozen_statistics(ws.batchnorms)
+                with guard, no_sync():
                     yield t
                 with torch.no_grad():
                     grads, seen = ws.take_grads()
                     if t == 0:
+                        if ws.batchnorms is None:
+                            ws.batchnorms = discovered
                         reached = seen
                         if not any(reached):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")

@@ -300,7 +300,8 @@ class Probe:
         obj = self.objective
         wrapper = _LossModule(obj.model, obj.loss_fn)
         r = len(stacked[0])
-        params = {f"model.{name}": a + w for name, a, w in zip(obj.names, stacked, self._saved)}
+        path = {id(p): n for n, p in obj.model.named_parameters()}  # the real paths, _orig_mod included
+        params = {f"model.{path[id(p)]}": a + w for p, a, w in zip(obj.params, stacked, self._saved)}
 
         def one(params: dict, batch: Any) -> Tensor:
             return functional_call(wrapper, params, (batch,))
