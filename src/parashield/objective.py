@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -211,6 +211,15 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _double_backward_attention() -> ContextManager[None]:
+    """``scaled_dot_product_attention`` restricted to its math backend, the one with a double
+    backward (the fused CPU/flash/memory-efficient kernels have none), for the passes of a
+    Hessian-vector product; the user's backend choice is restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class Probe:
     """Evaluation handle given by ``Objective.probe()`` (see there)."""
 
@@ -352,7 +361,7 @@ class Probe:
         """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""
         acc, count = None, 0
         vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params)]
-        with torch.enable_grad():
+        with torch.enable_grad(), _double_backward_attention():
             for loss, n in self._losses(data):
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]
