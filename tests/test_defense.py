@@ -248,6 +248,19 @@ def test_sam_matches_reference(base, kw, adaptive, eta, bookkeeping):
     assert moved > 1e-3  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("preset", ["sam", "rwp"])
+def test_one_gradient_presets_hold_one_parameter_sized_buffer(preset, bookkeeping):
+    """SAM (and RWP with one sample) average a single gradient: the defense keeps only w."""
+    model = mlp(0)
+    make = {"sam": lambda p: ps.SAM(p, torch.optim.SGD, lr=0.1),
+            "rwp": lambda p: ps.RandomWeightPerturbation(p, torch.optim.SGD, lr=0.1)}[preset]
+    opt = make(model.parameters())
+    opt.step(closure_for(opt, model, *batch(0)))
+    ws = opt._workspace
+    held = [f for buf in (ws.clean, ws.gsum, ws.work) if buf is not None for f in buf.flats]
+    assert sum(f.numel() for f in held) == sum(p.numel() for p in model.parameters())
+
+
 def test_sam_differs_from_plain_base_step():
     """The reference comparison above must be able to fail: SAM's update differs from the base
     optimizer's step at w by far more than the tolerance."""

@@ -57,32 +57,36 @@ class _FlatBuffer:
 
 class _Workspace:
     """What one parameter set needs, allocated once: ``clean`` (w of the corrupted parameters)
-    and ``gsum`` (the gradient sum, flat so that DDP needs one all-reduce; after the trajectory
-    every ``.grad`` is a view of it holding the average).
+    and, when more than one gradient is averaged (or DDP all-reduces it), ``gsum`` (the gradient
+    sum, flat so that DDP needs one all-reduce; after the trajectory every ``.grad`` is a view of
+    it holding the average). SAM and other one-gradient presets need no sum: the gradient of the
+    one averaged pass is the result, so their extra memory is ``clean`` alone.
 
     The gradients of each pass stay where autograd put them and are the scratch memory of the
     corruption: on an accelerator every bookkeeping operation is one fused ``_foreach`` kernel
     over all tensors, and the extra memory is ``clean`` and ``gsum``. On the CPU a ``_foreach``
     op runs one kernel per tensor, which dominates when tensors are small (below ~64k entries on
     average): there, when the budget allows whole-buffer maths (every parameter corrupted, no
-    per-layer scale), the gradients are gathered into a third flat buffer ``work`` by one copy
-    and the rest runs as single kernels over it, memory traded for speed.
+    per-layer scale) and gradients are summed, the gradients are gathered into a third flat
+    buffer ``work`` by one copy and the rest runs as single kernels over it, memory traded for
+    speed.
     """
 
     small_tensors = 1 << 16  # mean entries per tensor below which the CPU gathers
 
-    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
+    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool, summing: bool) -> None:
         self.params = params
         self.key = _workspace_key(params)
         self.corrupt_index = [i for i, p in enumerate(params) if corrupt_ids is None or id(p) in corrupt_ids]
         self.corrupted = [params[i] for i in self.corrupt_index]
         self.clean = _FlatBuffer(self.corrupted)
-        self.gsum = _FlatBuffer(params)
+        self.gsum = _FlatBuffer(params) if summing else None
         whole = len(self.corrupted) == len(params) and not layerwise
         small = sum(p.numel() for p in params) < self.small_tensors * len(params)
-        gather = whole and small and all(p.device.type == "cpu" for p in params)
+        gather = summing and whole and small and all(p.device.type == "cpu" for p in params)
         self.work = _FlatBuffer(params) if gather else None
-        self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
+        if self.gsum is not None:
+            self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
         self.budget_clean = self.clean.views if self.work is None else self.clean.flats
         self.geometry = Geometry(self.budget_clean)  # refreshed at each step's w
         self.batchnorms: Optional[list[nn.Module]] = None  # found by the first clean pass
@@ -339,7 +343,8 @@ class APD(torch.optim.Optimizer):
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = self._workspace
         if ws is None or ws.key != _workspace_key(params):
-            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
+            summing = self.steps + (1 if self.include_clean else 0) > 1 or self._ddp_local()
+            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", summing)
         return ws
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -428,7 +433,7 @@ class APD(torch.optim.Optimizer):
                         torch._foreach_copy_(ws.clean.views, ws.corrupted)
                         ws.geometry.refresh()  # scales of this step's w, computed once
                         started = True
-                    if t >= first and count == 1 and not self._ddp_local():
+                    if t >= first and ws.gsum is None:
                         single = grads  # the average of one gradient is itself: no copy
                         flags.append(_finiteness_probe(grads))
                         continue
