@@ -12,4 +12,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[test,experiments]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test,experiments,integrations]"
