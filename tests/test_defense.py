@@ -933,6 +933,40 @@ def test_zero_filled_gradients_are_not_pending():
     assert_params_equal(model, clone_params(ref))
 
 
+def test_closure_after_a_completed_trajectory_is_called_once_without_grad():
+    """Frameworks that always pass a closure (Lightning) run their pre-step hooks in it: after a
+    trajectory it is called once, then the base step uses the averaged gradient untouched."""
+    model, ref = mlp(0), mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt_ref = ps.APD(ref.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    calls = []
+    assert opt.step(lambda: calls.append(torch.is_grad_enabled()) or "hooks ran") == "hooks ran"
+    assert calls == [False]
+    opt_ref.step(closure_for(opt_ref, ref, x, y))
+    assert_params_equal(model, clone_params(ref))
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        opt.step(closure_for(opt, model, x, y))  # a backward there would add to the average: refused
+
+
+def test_new_trajectory_over_an_unstepped_one_is_refused():
+    """accelerate's accumulate() skips optimizer.step() on early micro-batches: the trajectory
+    they ran must not be silently replaced by the next one."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="before step.. took the last one"):
+        for _ in opt.trajectory():
+            mse(model, x, y).backward()
+    opt.step()  # the first trajectory's step is still available
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. checkpoints: bit-identical resume, atomic write, weights_only load
 # ---------------------------------------------------------------------------------------------

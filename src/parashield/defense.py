@@ -18,6 +18,7 @@ no host sync until the single finiteness check at the end, and no allocation bes
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -182,6 +183,22 @@ def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple]) -> None
             "the step and accumulate micro-batches inside the closure or the trajectory() body (one backward "
             "per micro-batch per pass); for Trainer/Lightning/Accelerate see parashield.integrations"
         )
+
+
+def _check_framework_closure(closure: Callable[[], Any]) -> None:
+    """Refuse ``step(closure)`` where a framework would make its passes wrong, looked up only
+    where the user imported the framework: accelerate's gradient accumulation (its optimizer
+    wrapper calls ``step`` only on the last micro-batch of ``accumulate``, so the others' closures
+    never run) and Lightning's automatic optimization without ``DefenseOptimization`` (its closure
+    runs the pre-step hooks and clipping after every pass)."""
+    if "accelerate.state" in sys.modules:
+        from .integrations.accelerate import check_no_accumulation
+
+        check_no_accumulation()
+    if "lightning.pytorch" in sys.modules:
+        from .integrations.lightning import check_closure
+
+        check_closure(closure)
 
 
 def _workspace_key(params: Tensors) -> tuple:
@@ -398,6 +415,13 @@ class APD(torch.optim.Optimizer):
         params = self._parameters()
         if not params:
             raise ValueError("no parameter of this optimizer requires grad")
+        if self._ready and scaler is None:
+            raise RuntimeError(
+                "a new trajectory() started before step() took the last one's averaged gradient (a framework's "
+                "gradient accumulation skipping optimizer.step()?); its passes would be lost. Call step() after "
+                "every trajectory, and accumulate micro-batches inside the trajectory body (one backward per "
+                "micro-batch per pass)"
+            )
         self._ready = False
         ws = self._workspace_for(params)
         if ws.batchnorms is None and self.model is not None:
@@ -490,22 +514,33 @@ class APD(torch.optim.Optimizer):
                 for p in params:
                     p.grad = None
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
-        the closure exactly K+1 times, then take the base step; returns the clean loss. Without a
-        closure: take the base step after a completed ``trajectory()``. A NaN/Inf returned loss
-        stops the step like a non-finite gradient (also a loss term without gradient)."""
-        if closure is None:
-            if not self._ready:
-                raise RuntimeError(
-                    "step() without a closure needs a completed trajectory() first: a plain "
-                    "'loss.backward(); optimizer.step()' loop gives one gradient, the defense needs K+1 passes. "
-                    "Write 'optimizer.step(closure)' (closure: zero_grad, forward, backward, return loss) or "
-                    "'for _ in optimizer.trajectory(): loss_fn(model(x), y).backward()' then 'optimizer.step()'; "
-                    "for Trainer/Lightning/Accelerate see parashield.integrations"
-                )
+        the closure exactly K+1 times, then take the base step; returns the clean loss. A NaN/Inf
+        returned loss stops the step like a non-finite gradient (also a loss term without
+        gradient).
+
+        After a completed ``trajectory()``: take the base step with its averaged gradient. A
+        closure given then is called once, under ``torch.no_grad()`` (so a forward/backward in
+        it fails loudly instead of adding to the average), and its value returned: frameworks
+        that always pass one route their pre-step hooks and clipping through it (Lightning)."""
+        if self._ready:
+            value = None
+            if closure is not None:
+                with torch.no_grad():
+                    value = closure()
             self._ready = False
-            return self._base_step()
+            out = self._base_step()
+            return value if closure is not None else out
+        if closure is None:
+            raise RuntimeError(
+                "step() without a closure needs a completed trajectory() first: a plain "
+                "'loss.backward(); optimizer.step()' loop gives one gradient, the defense needs K+1 passes. "
+                "Write 'optimizer.step(closure)' (closure: zero_grad, forward, backward, return loss) or "
+                "'for _ in optimizer.trajectory(): loss_fn(model(x), y).backward()' then 'optimizer.step()'; "
+                "for Trainer/Lightning/Accelerate see parashield.integrations"
+            )
+        _check_framework_closure(closure)
         losses: list = []
         for _ in self._trajectory(None, losses):
             with torch.enable_grad():

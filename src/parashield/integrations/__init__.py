@@ -21,17 +21,19 @@ from ..defense import APD
 
 
 def defense_of(optimizer: Any) -> APD:
-    """The ``APD`` inside a framework's optimizer wrapper (accelerate's ``AcceleratedOptimizer``,
-    Lightning's ``LightningOptimizer``, which hold it as ``.optimizer`` / ``._optimizer``)."""
+    """The ``APD`` inside a framework's optimizer wrapper (accelerate's ``AcceleratedOptimizer``
+    holds it as ``.optimizer``, Lightning's ``LightningOptimizer`` as ``._optimizer``). The
+    wrapper is unwrapped even where it passes ``isinstance`` (Lightning's subclasses the wrapped
+    class with a copy of its attributes): the defense's state lives in the wrapped object."""
     seen = optimizer
     for _ in range(8):  # wrappers nest a few levels at most
-        if isinstance(seen, APD):
-            return seen
-        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
-        if inner is None:
+        inner = getattr(seen, "_optimizer", None) or getattr(seen, "optimizer", None)
+        if inner is None or inner is seen:
             break
         seen = inner
-    raise TypeError(
-        f"expected a parashield defense (APD, SAM, OneStepDefense, RandomWeightPerturbation) or a framework "
-        f"wrapper around one, got {type(optimizer).__name__}"
-    )
+    if not isinstance(seen, APD):
+        raise TypeError(
+            f"expected a parashield defense (APD, SAM, OneStepDefense, RandomWeightPerturbation) or a framework "
+            f"wrapper around one, got {type(optimizer).__name__}"
+        )
+    return seen
