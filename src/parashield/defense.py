@@ -18,7 +18,6 @@ no host sync until the single finiteness check at the end, and no allocation bes
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 import weakref
 from contextlib import contextmanager, nullcontext
@@ -183,22 +182,6 @@ def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple]) -> None
             "the step and accumulate micro-batches inside the closure or the trajectory() body (one backward "
             "per micro-batch per pass); for Trainer/Lightning/Accelerate see parashield.integrations"
         )
-
-
-def _check_framework_closure(closure: Callable[[], Any]) -> None:
-    """Refuse ``step(closure)`` where a framework would make its passes wrong, looked up only
-    where the user imported the framework: accelerate's gradient accumulation (its optimizer
-    wrapper calls ``step`` only on the last micro-batch of ``accumulate``, so the others' closures
-    never run) and Lightning's automatic optimization without ``DefenseOptimization`` (its closure
-    runs the pre-step hooks and clipping after every pass)."""
-    if "accelerate.state" in sys.modules:
-        from .integrations.accelerate import check_no_accumulation
-
-        check_no_accumulation()
-    if "lightning.pytorch" in sys.modules:
-        from .integrations.lightning import check_closure
-
-        check_closure(closure)
 
 
 def _workspace_key(params: Tensors) -> tuple:
@@ -540,7 +523,9 @@ class APD(torch.optim.Optimizer):
                 "'for _ in optimizer.trajectory(): loss_fn(model(x), y).backward()' then 'optimizer.step()'; "
                 "for Trainer/Lightning/Accelerate see parashield.integrations"
             )
-        _check_framework_closure(closure)
+        from .integrations import check_framework_closure  # here: the integrations import this module
+
+        check_framework_closure(closure)
         losses: list = []
         for _ in self._trajectory(None, losses):
             with torch.enable_grad():

@@ -15,7 +15,9 @@ module either reshapes the step or refuses with an error that says what to write
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+import sys
+from typing import Any, Callable
 
 from ..defense import APD
 
@@ -37,3 +39,29 @@ def defense_of(optimizer: Any) -> APD:
             f"wrapper around one, got {type(optimizer).__name__}"
         )
     return seen
+
+
+def check_framework_closure(closure: Callable[[], Any]) -> None:
+    """Refuse ``step(closure)`` where a framework would make the defense's passes wrong; each
+    check runs only where the user imported that framework, and none imports one:
+
+    - accelerate's gradient accumulation: its optimizer wrapper calls ``step`` only on the last
+      micro-batch of ``accumulate``, so the other micro-batches' closures would never run;
+    - Lightning's automatic optimization without ``DefenseOptimization``: its precision plugin
+      wraps the closure (``_wrap_closure``) so that every call also runs
+      ``on_before_optimizer_step`` and gradient clipping, which would run once per pass, on each
+      pass's gradient, with the last corrupted pass's loss logged.
+    """
+    if "accelerate.state" in sys.modules:
+        from .accelerate import check_no_accumulation
+
+        check_no_accumulation()
+    func = getattr(closure, "func", None)
+    owner = type(getattr(func, "__self__", None)).__module__
+    if isinstance(closure, functools.partial) and getattr(func, "__name__", "") == "_wrap_closure" \
+            and owner.startswith(("lightning.pytorch.", "pytorch_lightning.")):
+        raise TypeError(
+            "a parashield defense under Lightning's automatic optimization needs the DefenseOptimization mixin: "
+            "'class Model(DefenseOptimization, L.LightningModule)' (from parashield.integrations.lightning), so "
+            "that the K+1 passes run with the clean loss logged and the pre-step hooks and clipping once per step"
+        )

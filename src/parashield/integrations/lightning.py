@@ -29,31 +29,14 @@ Manual optimization (``self.automatic_optimization = False``), micro-batches loo
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.precision import Precision
 
 from . import defense_of
 
-__all__ = ["DefenseOptimization", "check_closure", "defense_of", "muted_logging"]
-
-
-def check_closure(closure: Callable[[], Any]) -> None:
-    """Raise for Lightning's automatic-optimization closure reaching the defense's ``step``
-    (a module without ``DefenseOptimization``): Lightning wraps it so that every call also runs
-    ``on_before_optimizer_step`` and gradient clipping, which would then run once per pass, on
-    each pass's gradient, and log the last corrupted pass's loss."""
-    func = getattr(closure, "func", None)
-    if isinstance(closure, functools.partial) and getattr(func, "__name__", "") == "_wrap_closure" \
-            and isinstance(getattr(func, "__self__", None), Precision):
-        raise TypeError(
-            "a parashield defense under Lightning's automatic optimization needs the DefenseOptimization mixin: "
-            "'class Model(DefenseOptimization, L.LightningModule)' (from parashield.integrations.lightning), so "
-            "that the K+1 passes run with the clean loss logged and the pre-step hooks and clipping once per step"
-        )
+__all__ = ["DefenseOptimization", "defense_of", "muted_logging"]
 
 
 @contextmanager
