@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
+from typing import Iterable
+
+from torch import Tensor
 
 from .budget import Budget
 
@@ -46,3 +50,18 @@ def step_size_or_default(step_size: object, budget: Budget, steps: int) -> float
     ):
         raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
     return float(step_size)
+
+
+def check_not_sharded(params: Iterable[Tensor], what: str) -> None:
+    """Refuse sharded (``DTensor``) parameters, as FSDP2's ``fully_shard`` makes them: norms,
+    top-n supports and layer radii would be taken over each rank's shard instead of the whole
+    tensor, and the bookkeeping mixes them with plain tensors. Looked up only where
+    ``torch.distributed.tensor`` is loaded (it is wherever a DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None and any(isinstance(p, module.DTensor) for p in params):
+        raise NotImplementedError(
+            f"{what} does not support sharded (DTensor) parameters such as FSDP2's fully_shard makes: its norms "
+            "and supports must span whole tensors. Train with DistributedDataParallel (see APD's distributed=), "
+            "or analyse a full copy of the model (e.g. from torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))"
+        )

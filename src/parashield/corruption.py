@@ -12,7 +12,7 @@ from typing import Iterator, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_seed, check_vectorize, step_size_or_default
+from ._checks import check_budget, check_count, check_not_sharded, check_seed, check_vectorize, step_size_or_default
 from .budget import Budget, Geometry
 from .objective import Objective, Probe, _unstack, check_finite, overflow_to_inf
 from .selection import resolve_names
@@ -299,6 +299,7 @@ def corrupted(
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
     params = resolve_names(model, delta, "corruption")
+    check_not_sharded(params, "corrupted")
     for n, p in zip(delta, params):
         if tuple(delta[n].shape) != tuple(p.shape):
             raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")

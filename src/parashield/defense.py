@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_budget, check_count, check_seed, step_size_or_default
+from ._checks import check_budget, check_count, check_not_sharded, check_seed, step_size_or_default
 from .budget import Budget, Geometry
 
 Tensors = list[Tensor]
@@ -343,6 +343,7 @@ class APD(torch.optim.Optimizer):
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = self._workspace
         if ws is None or ws.key != _workspace_key(params):
+            check_not_sharded(params, type(self).__name__)
             summing = self.steps + (1 if self.include_clean else 0) > 1 or self._ddp_local()
             ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", summing)
         return ws

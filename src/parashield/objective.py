@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import _foreach_norm as foreach_norm
+from ._checks import check_not_sharded
 from .selection import ParamSpec, select_parameters
 
 Tensors = list[Tensor]
@@ -128,6 +129,7 @@ class Objective:
         if not isinstance(train_mode, bool):
             raise TypeError(f"train_mode must be a bool, got {train_mode!r}")
         named = select_parameters(model, params)
+        check_not_sharded([p for _, p in named], "Objective")
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
