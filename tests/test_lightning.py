@@ -129,8 +129,9 @@ def test_epoch_mean_of_the_logged_loss_is_the_clean_one():
     net = network()
     ref = copy.deepcopy(net)
     recorder = Recorder()
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, gradient_clip_val=CLIP,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        gradient_clip_val=CLIP, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder])
     trainer.fit(EpochLogged(net), torch.utils.data.DataLoader(data(), batch_size=BATCH, shuffle=False))
     losses = reference(ref)
     assert float(trainer.callback_metrics["epoch_loss"]) == pytest.approx(sum(losses) / len(losses), abs=1e-12)
