@@ -967,6 +967,27 @@ def test_new_trajectory_over_an_unstepped_one_is_refused():
     opt.step()  # the first trajectory's step is still available
 
 
+def test_grad_scaler_skipped_step_after_unscale_and_clipping_is_not_pending():
+    """fp16: unscale_ and clipping change the averaged gradient in place, then scaler.step skips
+    the step on an inf; the next trajectory starts over it (it is the defense's own)."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch(0)
+    w = clone_params(model)
+    for t in opt.trajectory(scaler=scaler):
+        scaler.scale(mse(model, x, y) * (math.inf if t == 1 else 1)).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    assert_params_equal(model, w)  # skipped
+    for _ in opt.trajectory(scaler=scaler):
+        scaler.scale(mse(model, x, y)).backward()
+    scaler.step(opt)
+    assert not torch.equal(model[0].weight, w[0])
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. checkpoints: bit-identical resume, atomic write, weights_only load
 # ---------------------------------------------------------------------------------------------

@@ -157,18 +157,21 @@ def _grad_marks(params: Tensors) -> dict[int, tuple]:
     return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
 
 
-def _own(g: Tensor, mark: Optional[tuple]) -> bool:
-    return mark is not None and mark[0]() is g and g._version == mark[1]
+def _own(g: Tensor, mark: Optional[tuple], unstepped: bool) -> bool:
+    """Whether ``g`` is the defense's own averaged gradient: the same tensor, untouched since the
+    base step, or touched in place in any way when that step never came (a GradScaler's
+    ``unscale_`` and clipping before a skipped ``scaler.step``)."""
+    return mark is not None and mark[0]() is g and (unstepped or g._version == mark[1])
 
 
-def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple]) -> None:
+def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple], unstepped: bool) -> None:
     """Refuse to start a trajectory over gradients an earlier ``backward()`` left in ``.grad``
     (a framework's gradient accumulation, an outside backward): every pass's gradient is taken
     at its own corruption, so they could be neither kept nor averaged in, and dropping them would
     lose them silently. The defense's own averaged gradient of the last step (``left``, untouched
     since) and zeros (``zero_grad(set_to_none=False)``) are fine; the check costs one host sync,
     and only when some other ``.grad`` is set."""
-    held = [p.grad for p in params if p.grad is not None and not _own(p.grad, left.get(id(p)))]
+    held = [p.grad for p in params if p.grad is not None and not _own(p.grad, left.get(id(p)), unstepped)]
     if not held:
         return
     nonzero = [(g._values() if g.is_sparse else g).ne(0).any() for g in held]
@@ -406,6 +409,7 @@ class APD(torch.optim.Optimizer):
                 "every trajectory, and accumulate micro-batches inside the trajectory body (one backward per "
                 "micro-batch per pass)"
             )
+        _check_no_pending_gradients(params, self._left, unstepped=self._ready)
         self._ready = False
         ws = self._workspace_for(params)
         if ws.batchnorms is None and self.model is not None:
@@ -418,7 +422,6 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
-        _check_no_pending_gradients(params, self._left)
         self._left = {}
         self._in_trajectory = True
         try:
