@@ -60,16 +60,18 @@ class Automatic(DefenseOptimization, L.LightningModule):
 
 
 class Manual(Automatic):
-    """The documented manual-optimization pattern."""
+    """The documented manual-optimization pattern; ``unwrap=False`` calls ``trajectory()`` on
+    Lightning's optimizer wrapper itself, as users naturally write it."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: nn.Module, unwrap: bool = True) -> None:
         super().__init__(net)
         self.automatic_optimization = False
+        self.unwrap = unwrap
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
-        for t in defense_of(opt).trajectory():
+        for t in (defense_of(opt) if self.unwrap else opt).trajectory():
             loss = nn.functional.cross_entropy(self.net(x), y)
             self.manual_backward(loss)
             if t == 0:
@@ -103,12 +105,12 @@ def reference(net: nn.Module) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("kind", ["automatic", "manual"])
+@pytest.mark.parametrize("kind", ["automatic", "manual", "manual-wrapper"])
 def test_lightning_equals_plain_loop(kind):
     net = network()
     ref = copy.deepcopy(net)
     kw = {"gradient_clip_val": CLIP} if kind == "automatic" else {}
-    recorder = fit(Automatic(net) if kind == "automatic" else Manual(net), **kw)
+    recorder = fit(Automatic(net) if kind == "automatic" else Manual(net, unwrap=kind == "manual"), **kw)
     losses = reference(ref)
     assert recorder.logged == pytest.approx(losses, abs=1e-12)  # the clean loss, once per step
     assert recorder.outputs == pytest.approx(losses, abs=1e-12)

@@ -245,6 +245,20 @@ def _frozen_statistics(batchnorms: list[nn.Module]) -> Iterator[None]:
                     b.copy_(c)
 
 
+class _Progress:
+    """Where the defense's step stands, in one object that copies of the optimizer's attributes
+    share: Lightning's ``LightningOptimizer`` wraps an optimizer by copying its ``__dict__``, so
+    that ``trajectory()`` called on the wrapper and ``step()`` reaching the wrapped optimizer
+    must see the same state."""
+
+    __slots__ = ("ready", "left", "in_trajectory")
+
+    def __init__(self) -> None:
+        self.ready = False  # a completed trajectory has left the averaged gradient for the base step
+        self.left: dict[int, tuple] = {}  # that gradient's marks (see _grad_marks)
+        self.in_trajectory = False
+
+
 class NonFiniteGradientError(FloatingPointError):
     """A pass of the defense produced a NaN/Inf loss or gradient."""
 
@@ -331,9 +345,7 @@ class APD(torch.optim.Optimizer):
         self._corrupt_ids = None if corrupt is None else _corrupt_ids(corrupt, self.param_groups)
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: Optional[_Workspace] = None
-        self._in_trajectory = False
-        self._ready = False  # a trajectory has left averaged gradients for the base step
-        self._left: dict[int, tuple] = {}  # the averaged gradients it left (see _grad_marks)
+        self._progress = _Progress()
 
     # ------------------------------------------------------------------ the core
     def _parameters(self) -> Tensors:
@@ -354,7 +366,7 @@ class APD(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``; inside a trajectory the gradients always become None:
         each pass's gradient must be autograd's own fresh tensor, which the defense consumes."""
-        super().zero_grad(set_to_none or self._in_trajectory)
+        super().zero_grad(set_to_none or self._progress.in_trajectory)
 
     @torch.no_grad()
     def _next_corruption(self, t: int, ws: _Workspace, grads: Tensors, per_tensor: Tensors) -> None:
@@ -402,15 +414,15 @@ class APD(torch.optim.Optimizer):
         params = self._parameters()
         if not params:
             raise ValueError("no parameter of this optimizer requires grad")
-        if self._ready and scaler is None:
+        if self._progress.ready and scaler is None:
             raise RuntimeError(
                 "a new trajectory() started before step() took the last one's averaged gradient (a framework's "
                 "gradient accumulation skipping optimizer.step()?); its passes would be lost. Call step() after "
                 "every trajectory, and accumulate micro-batches inside the trajectory body (one backward per "
                 "micro-batch per pass)"
             )
-        _check_no_pending_gradients(params, self._left, unstepped=self._ready)
-        self._ready = False
+        _check_no_pending_gradients(params, self._progress.left, unstepped=self._progress.ready)
+        self._progress.ready = False
         ws = self._workspace_for(params)
         if ws.batchnorms is None and self.model is not None:
             ws.batchnorms = _batchnorms(self.model)
@@ -422,8 +434,8 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
-        self._left = {}
-        self._in_trajectory = True
+        self._progress.left = {}
+        self._progress.in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in range(self.steps + 1):
@@ -475,7 +487,7 @@ class APD(torch.optim.Optimizer):
                 for p, g, r in zip(params, final, reached):
                     # no gradient in the clean pass: None, as plain training leaves it
                     p.grad = g if r or everywhere else None
-                self._left = _grad_marks(params)
+                self._progress.left = _grad_marks(params)
                 if scaler is None:
                     if len({(f.device, f.dtype) for f in flags}) > 1:
                         flags = [f.to(flags[0].device, torch.float64) for f in flags]
@@ -491,13 +503,13 @@ class APD(torch.optim.Optimizer):
                             f"non-finite loss or gradient in {which}; the parameters were restored to the clean w "
                             f"and no step was taken (lower the learning rate or eps, or check the data)"
                         )
-            self._ready = True
+            self._progress.ready = True
         finally:
-            self._in_trajectory = False
+            self._progress.in_trajectory = False
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
-            if not self._left:  # abandoned before the average: what .grad holds is one pass's leftover
+            if not self._progress.left:  # abandoned before the average: what .grad holds is one pass's leftover
                 for p in params:
                     p.grad = None
 
@@ -511,12 +523,12 @@ class APD(torch.optim.Optimizer):
         closure given then is called once, under ``torch.no_grad()`` (so a forward/backward in
         it fails loudly instead of adding to the average), and its value returned: frameworks
         that always pass one route their pre-step hooks and clipping through it (Lightning)."""
-        if self._ready:
+        if self._progress.ready:
             value = None
             if closure is not None:
                 with torch.no_grad():
                     value = closure()
-            self._ready = False
+            self._progress.ready = False
             out = self._base_step()
             return value if closure is not None else out
         if closure is None:
@@ -534,7 +546,7 @@ class APD(torch.optim.Optimizer):
         for _ in self._trajectory(None, losses):
             with torch.enable_grad():
                 losses.append(closure())
-        self._ready = False
+        self._progress.ready = False
         self._base_step()
         return losses[0]
 
@@ -542,7 +554,7 @@ class APD(torch.optim.Optimizer):
         """The base optimizer's step; whatever it or a clipping did to ``.grad`` before it still
         counts as the defense's own gradient for the next step's pending-gradient check."""
         out = self.base_optimizer.step()
-        self._left = _grad_marks(self._parameters())
+        self._progress.left = _grad_marks(self._parameters())
         return out
 
     # ------------------------------------------------------------------ torch.optim citizenship

@@ -18,7 +18,7 @@ Manual optimization (``self.automatic_optimization = False``), micro-batches loo
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
-        for t in defense_of(opt).trajectory():
+        for t in opt.trajectory():                # or defense_of(opt).trajectory()
             loss = self.loss(batch)
             self.manual_backward(loss)
             if t == 0:
