@@ -158,3 +158,14 @@ def test_plain_trainer_with_a_defense_fails_loudly_saying_what_to_write(tmp_path
                                    optimizers=(apd, None))
     with pytest.raises(RuntimeError, match="parashield.integrations"):
         trainer.train()
+
+
+def test_curvature_of_a_transformers_model_with_sdpa_attention():
+    """GPT-2's default attention is scaled_dot_product_attention, whose fused CPU kernel has no
+    double backward: the Hessian-vector products switch to the math backend."""
+    model = gpt2().float().eval()
+    assert model.config._attn_implementation == "sdpa"
+    batch = torch.stack([b["input_ids"] for b in dataset("gpt2", 4)])
+    objective = ps.Objective(model, lambda m, x: m(input_ids=x, labels=x).loss, batch)
+    value = ps.hessian_top_eigenvalue(objective, iters=10, seed=0)
+    assert value > 0 and ps.hessian_trace(objective, samples=2, seed=0) != 0
