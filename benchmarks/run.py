@@ -165,6 +165,7 @@ def bench_apd(model, x, y, device, rounds, steps=3) -> dict:
         for _ in range(steps + 1):
             cb()
         base.step()
+        base.zero_grad()  # the defense refuses to start over another optimizer's gradients
 
     out = ratio(lambda: apd.step(ca), plain, device, rounds)
     out.update(params=numel(model), tensors=len(list(model.parameters())), K=steps)
@@ -289,30 +290,42 @@ PEAK_OPTIMIZERS = {
 }
 
 
-def _peak_rss_child(name: str, width: int, queue) -> None:
-    """In a fresh process: the growth of the peak resident set over 3 training steps, in bytes
-    (model, data and AdamW's first step excluded from nothing: every optimizer pays them)."""
-    import resource
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def _peak_rss_child(name: str, width: int, queue) -> None:
+    """In a fresh process: how far the resident set peaks above its level before 3 training
+    steps, in bytes (the model and data exist before, every optimizer's state is made during).
+    The peak is the address space's high-water mark (VmHWM), reset to the current level first;
+    ``ru_maxrss`` would not do, Linux carries it over from the parent across exec."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, x, y = setup(deep_mlp(4, width), torch.randn(32, 64), torch.device("cpu"))
     opt = PEAK_OPTIMIZERS[name](model.parameters())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    before = _status_bytes("VmRSS")
     for _ in range(3):
         if isinstance(opt, ps.APD):
             opt.step(closure_of(model, x, y, opt))
         else:
             closure_of(model, x, y, opt)()
             opt.step()
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before,
-               sum(p.numel() * p.element_size() for p in model.parameters()), numel(model)))
+    queue.put((_status_bytes("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.parameters()),
+               numel(model)))
 
 
 def bench_peak_rss(width: int = 2048) -> dict:
     """Peak memory of the defenses above plain AdamW, in parameter-sized units: each optimizer
-    trains the same MLP in its own fresh process (CPU, Linux peak RSS; with glibc's mmap threshold
-    fixed, large tensors are mmap'd and returned on free, so the peak follows the live tensors)."""
+    trains the same MLP in its own fresh process (CPU, Linux peak resident set; with glibc's mmap
+    threshold fixed, large tensors are mmap'd and returned on free, so the peak follows the live
+    tensors)."""
     import multiprocessing as mp
 
     import os
