@@ -82,10 +82,11 @@ class Manual(Automatic):
         return {"loss": clean}
 
 
-def fit(module: L.LightningModule, **kw) -> Recorder:
+def fit(module: L.LightningModule, callbacks_extra=(), **kw) -> Recorder:
     recorder = Recorder()
     trainer = L.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder], **kw)
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder, *callbacks_extra],
+                        **kw)
     trainer.fit(module, torch.utils.data.DataLoader(data(), batch_size=BATCH, shuffle=False))
     recorder.global_step = trainer.global_step
     return recorder
@@ -164,3 +165,33 @@ def test_plain_lightning_module_with_a_defense_is_refused_naming_the_mixin():
         fit(module)
     for (name, a), b in zip(module.net.state_dict().items(), w.values()):
         assert torch.equal(a, b), name  # refused before any pass
+
+
+def test_fp16_gradient_scaler_skips_an_overflowing_step_instead_of_raising():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Overflowing(Automatic):
+        def __init__(self, net):
+            super().__init__(net)
+            self.passes = 0
+
+        def training_step(self, batch, batch_idx):
+            self.passes += 1
+            loss = super().training_step((batch[0].float(), batch[1]), batch_idx)
+            return loss * float("inf") if batch_idx == 1 and self.passes % 3 == 2 else loss  # a corrupted pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    module = Overflowing(net)
+    seen = []
+
+    class Weights(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([p.detach().clone() for p in net.parameters()])
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    recorder = fit(module, plugins=[plugin], callbacks_extra=[Weights()])
+    assert recorder.global_step == STEPS and module.passes == 3 * STEPS
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0], seen[1]))  # step 0 taken
+    assert all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))  # step 1 overflowed: skipped, w kept
+    assert plugin.scaler.get_scale() == 2.0**7

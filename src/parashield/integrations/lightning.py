@@ -12,7 +12,9 @@ with ``self.log``/``self.log_dict`` muted in the corrupted passes, so the logged
 step's output are the clean pass's; ``on_before_optimizer_step`` and ``gradient_clip_val`` run
 once, on the averaged gradient; the global step counts once. ``accumulate_grad_batches > 1`` is
 refused (Lightning backpropagates the early micro-batches outside the step, where the defense
-cannot redo them at its corruptions): raise the batch size or use manual optimization.
+cannot redo them at its corruptions): raise the batch size or use manual optimization. With
+``precision="16-mixed"`` the trajectory runs with Lightning's GradScaler: a pass that overflows
+makes the scaler skip the step, as in plain fp16 training.
 
 Manual optimization (``self.automatic_optimization = False``), micro-batches looped inside::
 
@@ -74,7 +76,8 @@ class DefenseOptimization:
         if optimizer_closure is None:
             raise ValueError("optimizer_step needs Lightning's optimizer_closure to run the defense's passes")
         clean = None
-        for t in defense_of(optimizer).trajectory():
+        scaler = getattr(module.trainer.precision_plugin, "scaler", None)  # fp16: an overflow skips the step
+        for t in defense_of(optimizer).trajectory(scaler=scaler):
             with muted_logging(module) if t > 0 else nullcontext():
                 optimizer_closure()
             if t == 0:
