@@ -165,6 +165,7 @@ def bench_apd(model, x, y, device, rounds, steps=3) -> dict:
         for _ in range(steps + 1):
             cb()
         base.step()
+        base.zero_grad()  # the defense refuses to start over another optimizer's gradients
 
     out = ratio(lambda: apd.step(ca), plain, device, rounds)
     out.update(params=numel(model), tensors=len(list(model.parameters())), K=steps)
@@ -282,6 +283,75 @@ def bench_memory(device) -> dict:
     return out
 
 
+PEAK_OPTIMIZERS = {
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-4),
+    "sam": lambda params: ps.SAM(params, torch.optim.AdamW, rho=0.05, lr=1e-4),
+    "apd_k3": lambda params: ps.APD(params, torch.optim.AdamW, budget=ps.Budget("l2", 0.05), steps=3, lr=1e-4),
+}
+
+
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_rss_child(name: str, width: int, queue) -> None:
+    """In a fresh process: how far the resident set peaks above its level before 3 training
+    steps, in bytes (the model and data exist before, every optimizer's state is made during).
+    The peak is the address space's high-water mark (VmHWM), reset to the current level first;
+    ``ru_maxrss`` would not do, Linux carries it over from the parent across exec."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, x, y = setup(deep_mlp(4, width), torch.randn(32, 64), torch.device("cpu"))
+    opt = PEAK_OPTIMIZERS[name](model.parameters())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark to the current resident set
+    before = _status_bytes("VmRSS")
+    for _ in range(3):
+        if isinstance(opt, ps.APD):
+            opt.step(closure_of(model, x, y, opt))
+        else:
+            closure_of(model, x, y, opt)()
+            opt.step()
+    queue.put((_status_bytes("VmHWM") - before, sum(p.numel() * p.element_size() for p in model.parameters()),
+               numel(model)))
+
+
+def bench_peak_rss(width: int = 2048) -> dict:
+    """Peak memory of the defenses above plain AdamW, in parameter-sized units: each optimizer
+    trains the same MLP in its own fresh process (CPU, Linux peak resident set; with glibc's mmap
+    threshold fixed, large tensors are mmap'd and returned on free, so the peak follows the live
+    tensors)."""
+    import multiprocessing as mp
+
+    import os
+
+    ctx = mp.get_context("spawn")
+    peaks = {}
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 16)  # fixed: glibc would raise it to freed sizes
+    try:
+        for name in PEAK_OPTIMIZERS:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_peak_rss_child, args=(name, width, queue))
+            proc.start()
+            peaks[name], pbytes, count = queue.get()
+            proc.join()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    out = {"params": count, "peak_growth_adamw_in_param_units": peaks["adamw"] / pbytes}
+    for name in ("sam", "apd_k3"):
+        out[f"{name}_peak_above_adamw_in_param_units"] = (peaks[name] - peaks["adamw"]) / pbytes
+    return out
+
+
 def bench_scaling(device, rounds) -> list:
     rows = []
     for width in (32, 100, 320, 1000):  # ~10x more parameters each
@@ -325,6 +395,7 @@ def main(argv=None) -> int:
         ("sparse_projection", lambda: bench_sparse_projection(device, max(3, rounds // 2))),
         ("random_trials", lambda: bench_random_trials(device, rounds)),
         ("memory", lambda: bench_memory(device)),
+        *([("peak_rss", bench_peak_rss)] if device.type == "cpu" and sys.platform == "linux" else []),
         ("scaling", lambda: bench_scaling(device, max(3, rounds // 3))),
     ]
     for name, fn in steps:
@@ -346,6 +417,12 @@ def main(argv=None) -> int:
                        ("cuda_peak_extra_in_param_units", "CUDA peak extra")):
         if key in mem:  # judged at the printed precision: a few 0-dim tensors are not a buffer
             print(f"| memory: {label} | {mem[key]:.2f} x params | <= 2 | {'yes' if round(mem[key], 2) <= 2 else 'NO'} |")
+    if "peak_rss" in results:
+        peak = results["peak_rss"]
+        print(f"| memory: SAM peak above AdamW | {peak['sam_peak_above_adamw_in_param_units']:.2f} x params | <= 1 | "
+              f"{'yes' if round(peak['sam_peak_above_adamw_in_param_units'], 2) <= 1 else 'NO'} |")
+        print(f"| memory: APD K=3 peak above AdamW | {peak['apd_k3_peak_above_adamw_in_param_units']:.2f} x params | <= 2 | "
+              f"{'yes' if round(peak['apd_k3_peak_above_adamw_in_param_units'], 2) <= 2 else 'NO'} |")
     for row in results["scaling"]:
         print(f"| scaling: {row['params']} params | APD {row['apd_ratio']:.3f}, multi-step {row['multistep_ratio']:.3f} | flat | |")
     out = Path(args.out or Path(__file__).parent / f"results-{device.type}.json")

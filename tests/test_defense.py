@@ -248,6 +248,19 @@ def test_sam_matches_reference(base, kw, adaptive, eta, bookkeeping):
     assert moved > 1e-3  # the comparison is not vacuous
 
 
+@pytest.mark.parametrize("preset", ["sam", "rwp"])
+def test_one_gradient_presets_hold_one_parameter_sized_buffer(preset, bookkeeping):
+    """SAM (and RWP with one sample) average a single gradient: the defense keeps only w."""
+    model = mlp(0)
+    make = {"sam": lambda p: ps.SAM(p, torch.optim.SGD, lr=0.1),
+            "rwp": lambda p: ps.RandomWeightPerturbation(p, torch.optim.SGD, lr=0.1)}[preset]
+    opt = make(model.parameters())
+    opt.step(closure_for(opt, model, *batch(0)))
+    ws = opt._workspace
+    held = [f for buf in (ws.clean, ws.gsum, ws.work) if buf is not None for f in buf.flats]
+    assert sum(f.numel() for f in held) == sum(p.numel() for p in model.parameters())
+
+
 def test_sam_differs_from_plain_base_step():
     """The reference comparison above must be able to fail: SAM's update differs from the base
     optimizer's step at w by far more than the tolerance."""
@@ -883,6 +896,94 @@ def test_gradient_accumulation_equals_large_batch():
         l_big = opt_big.step(closure_for(opt_big, big, x, y))
         assert float(l_acc) == pytest.approx(float(l_big.detach()), abs=1e-12)
         assert_close(model.parameters(), big.parameters(), atol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["closure", "trajectory"])
+def test_pending_gradients_from_an_outside_backward_are_refused_not_dropped(how, bookkeeping):
+    """A framework's accumulation leaves micro-batch gradients in .grad before the step: the step
+    must refuse, leaving parameters and those gradients untouched, not silently discard them."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    mse(model, x[:8], y[:8]).backward()
+    pending = [p.grad.clone() for p in model.parameters()]
+    w = clone_params(model)
+    with pytest.raises(RuntimeError, match="already hold gradients.*zero_grad"):
+        if how == "closure":
+            opt.step(closure_for(opt, model, x, y))
+        else:
+            for _ in opt.trajectory():
+                mse(model, x, y).backward()
+    assert_params_equal(model, w)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), pending))
+
+
+def test_zero_filled_gradients_are_not_pending():
+    """zero_grad(set_to_none=False) leaves zeros: nothing is lost, the step runs as from None."""
+    model, ref = mlp(0), mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt_ref = ps.APD(ref.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    mse(model, x, y).backward()
+    opt.zero_grad(set_to_none=False)
+    opt.step(closure_for(opt, model, x, y))
+    opt_ref.step(closure_for(opt_ref, ref, x, y))
+    assert_params_equal(model, clone_params(ref))
+
+
+def test_closure_after_a_completed_trajectory_is_called_once_without_grad():
+    """Frameworks that always pass a closure (Lightning) run their pre-step hooks in it: after a
+    trajectory it is called once, then the base step uses the averaged gradient untouched."""
+    model, ref = mlp(0), mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt_ref = ps.APD(ref.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    calls = []
+    assert opt.step(lambda: calls.append(torch.is_grad_enabled()) or "hooks ran") == "hooks ran"
+    assert calls == [False]
+    opt_ref.step(closure_for(opt_ref, ref, x, y))
+    assert_params_equal(model, clone_params(ref))
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        opt.step(closure_for(opt, model, x, y))  # a backward there would add to the average: refused
+
+
+def test_new_trajectory_over_an_unstepped_one_is_refused():
+    """accelerate's accumulate() skips optimizer.step() on early micro-batches: the trajectory
+    they ran must not be silently replaced by the next one."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = batch(0)
+    for _ in opt.trajectory():
+        mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="before step.. took the last one"):
+        for _ in opt.trajectory():
+            mse(model, x, y).backward()
+    opt.step()  # the first trajectory's step is still available
+
+
+def test_grad_scaler_skipped_step_after_unscale_and_clipping_is_not_pending():
+    """fp16: unscale_ and clipping change the averaged gradient in place, then scaler.step skips
+    the step on an inf; the next trajectory starts over it (it is the defense's own)."""
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch(0)
+    w = clone_params(model)
+    for t in opt.trajectory(scaler=scaler):
+        scaler.scale(mse(model, x, y) * (math.inf if t == 1 else 1)).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    assert_params_equal(model, w)  # skipped
+    for _ in opt.trajectory(scaler=scaler):
+        scaler.scale(mse(model, x, y)).backward()
+    scaler.step(opt)
+    assert not torch.equal(model[0].weight, w[0])
 
 
 # ---------------------------------------------------------------------------------------------

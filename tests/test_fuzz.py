@@ -183,7 +183,9 @@ def apd(**kw: Any) -> Callable[[Env, Any], Any]:
 
 
 def apd_step(env: Env, closure: Any) -> Any:
-    return ps.APD(env.model.parameters(), torch.optim.SGD, lr=0.1).step(closure)
+    opt = ps.APD(env.model.parameters(), torch.optim.SGD, lr=0.1)
+    opt.zero_grad()  # a step starts from cleared gradients (left-over ones are refused, not a bad closure)
+    return opt.step(closure)
 
 
 def non_scalar_closure(env: Env) -> Callable[[], Any]:
@@ -338,6 +340,26 @@ ENTRIES = [
     Entry("APD.step(closure)", "callable", apd_step, owns_grads=True),
     Entry("APD.step(closure -> non-scalar)", "fixed", lambda env, bad: apd_step(env, non_scalar_closure(env)),
           owns_grads=True),
+    Entry("AutoPGDCorruption.steps", "count", lambda env, bad: ps.AutoPGDCorruption(DEFAULT_BUDGET, steps=bad)),
+    Entry("AutoPGDCorruption.restarts", "count", lambda env, bad: ps.AutoPGDCorruption(DEFAULT_BUDGET, restarts=bad)),
+    Entry("AutoPGDCorruption.seed", "seed", lambda env, bad: ps.AutoPGDCorruption(DEFAULT_BUDGET, seed=bad)),
+    Entry("AutoPGDCorruption()(objective)", "objective",
+          lambda env, bad: ps.AutoPGDCorruption(DEFAULT_BUDGET, steps=2)(resolve(bad, env))),
+    Entry("evaluate_robustness.objective", "objective", lambda env, bad: ps.evaluate_robustness(resolve(bad, env), DEFAULT_BUDGET)),
+    Entry("evaluate_robustness.budget", "budget", lambda env, bad: ps.evaluate_robustness(env.objective, resolve(bad, env))),
+    Entry("evaluate_robustness.steps", "count", lambda env, bad: ps.evaluate_robustness(env.objective, DEFAULT_BUDGET, steps=bad)),
+    Entry("dlr_loss.logits_fn", "callable", lambda env, bad: ps.dlr_loss(bad)),
+    Entry("hessian_eigenpairs.objective", "objective", lambda env, bad: ps.hessian_eigenpairs(resolve(bad, env))),
+    Entry("hessian_eigenpairs.k", "count", lambda env, bad: ps.hessian_eigenpairs(env.objective, bad)),
+    Entry("hessian_density.objective", "objective", lambda env, bad: ps.hessian_density(resolve(bad, env))),
+    Entry("hessian_density.probes", "count", lambda env, bad: ps.hessian_density(env.objective, probes=bad)),
+    Entry("hessian_trace_estimate.objective", "objective", lambda env, bad: ps.hessian_trace_estimate(resolve(bad, env))),
+    Entry("hessian_trace_estimate.matvecs", "count", lambda env, bad: ps.hessian_trace_estimate(env.objective, bad)),
+    Entry("GSAM.alpha", "non_negative", lambda env, bad: ps.GSAM(env.model.parameters(), torch.optim.SGD, alpha=bad, lr=0.1)),
+    Entry("ASAM.rho", "non_negative", lambda env, bad: ps.ASAM(env.model.parameters(), torch.optim.SGD, rho=bad, lr=0.1)),
+    Entry("IntervalSAM.interval", "count",
+          lambda env, bad: ps.IntervalSAM(env.model.parameters(), torch.optim.SGD, interval=bad, lr=0.1)),
+    Entry("weight_tensors.model", "model", lambda env, bad: ps.weight_tensors(bad)),
     Entry("SAM.rho", "non_negative", lambda env, bad: ps.SAM(env.model.parameters(), torch.optim.SGD, rho=bad, lr=0.1)),
     Entry("SAM.adaptive", "bool",
           lambda env, bad: ps.SAM(env.model.parameters(), torch.optim.SGD, adaptive=bad, lr=0.1)),
@@ -420,7 +442,8 @@ def test_drawn_values_get_named_errors_and_leave_the_model_as_found(entry, data)
 
 #: Public names that are records or errors, built by the library rather than called with user input.
 RECORDS = {"BitFlipResult", "CorruptionResult", "RandomCorruptionResult", "LayerVulnerability", "Int8Quantization",
-           "FlipBudget", "Geometry", "NonFiniteLossError", "NonFiniteGradientError", "CheckpointError"}
+           "FlipBudget", "Geometry", "NonFiniteLossError", "NonFiniteGradientError", "CheckpointError",
+           "Eigenpairs", "EpsEvaluation", "RobustnessEvaluation", "SpectralDensity", "TraceEstimate"}
 def test_every_public_callable_is_fuzzed():
     """A new public callable must get registry entries."""
     fuzzed = {re.split(r"[.( ]", e.name)[0] for e in ENTRIES}

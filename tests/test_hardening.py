@@ -483,9 +483,9 @@ def test_long_loops_show_a_bar_and_one_switch_silences_them(bars, monkeypatch, d
 
 
 def test_apd_shows_a_bar_only_for_long_trajectories(bars):
-    model = mlp()
     x, y = batch()
     for steps, shown in ((3, False), (60, True)):
+        model = mlp()  # a fresh model: another optimizer's averaged gradient in .grad is refused
         opt = ps.APD(model.parameters(), torch.optim.SGD, lr=0.01, steps=steps)
         bars.clear()
         opt.step(lambda: (opt.zero_grad(), ce(model, (x, y)).backward())[0] or ce(model, (x, y)))

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import TYPE_CHECKING, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .budget import Budget
-from .objective import Objective
+
+if TYPE_CHECKING:  # the objective module uses these checks itself
+    from .objective import Objective
 
 
 def check_count(name: str, value: object) -> int:
@@ -75,6 +78,8 @@ def check_memory(nbytes: float, what: str, device: torch.device) -> None:
 
 def check_objective(objective: object) -> Objective:
     """An Objective; a model in its place gets an error saying how to build one."""
+    from .objective import Objective
+
     if isinstance(objective, Objective):
         return objective
     hint = ""
@@ -106,3 +111,18 @@ def step_size_or_default(step_size: object, budget: Budget, steps: int) -> float
     ):
         raise ValueError(f"step_size must be a finite positive number or None, got {step_size!r}")
     return float(step_size)
+
+
+def check_not_sharded(params: Iterable[Tensor], what: str) -> None:
+    """Refuse sharded (``DTensor``) parameters, as FSDP2's ``fully_shard`` makes them: norms,
+    top-n supports and layer radii would be taken over each rank's shard instead of the whole
+    tensor, and the bookkeeping mixes them with plain tensors. Looked up only where
+    ``torch.distributed.tensor`` is loaded (it is wherever a DTensor exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is not None and any(isinstance(p, module.DTensor) for p in params):
+        raise NotImplementedError(
+            f"{what} does not support sharded (DTensor) parameters such as FSDP2's fully_shard makes: its norms "
+            "and supports must span whole tensors. Train with DistributedDataParallel (see APD's distributed=), "
+            "or analyse a full copy of the model (e.g. from torch.distributed.checkpoint.state_dict."
+            "get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))"
+        )

@@ -30,6 +30,7 @@ from ._progress import progress
 from .corruption import CorruptionResult, corrupted
 from .objective import Objective, overflow_to_inf
 from .quantization import Int8Quantization
+from .selection import parameter_aliases
 
 #: float dtype -> (integer view dtype, exponent bit positions, mantissa bit positions)
 _FLOAT_LAYOUT = {
@@ -86,7 +87,7 @@ class _Target:
         if quantization is not None:
             if not isinstance(quantization, Int8Quantization):
                 raise TypeError(f"quantization must be an Int8Quantization from quantize_(), got {type(quantization).__name__}")
-            named = dict(objective.model.named_parameters())
+            named = dict(parameter_aliases(objective.model))
             missing = [n for n, p in zip(quantization.names, quantization.params) if named.get(n) is not p]
             if missing:
                 raise ValueError(f"quantization does not belong to the objective's model: {missing[:3]}")
@@ -157,7 +158,7 @@ class _Target:
     def result(self, objective: Objective, flips: list[Flip], method: str, loss_before: float, passes: int,
                history: Optional[list[float]] = None, metric_history: Optional[list[float]] = None) -> BitFlipResult:
         values = self.values(flips)
-        named = dict(objective.model.named_parameters())
+        named = dict(parameter_aliases(objective.model))
         delta = {n: v - named[n].detach() for n, v in values.items()}
         res = BitFlipResult(delta=delta, values=values, loss_before=loss_before, loss_after=loss_before,
                             budget=FlipBudget(len(flips), self.bits), method=method, passes=passes, flips=flips,

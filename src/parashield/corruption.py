@@ -20,6 +20,7 @@ from ._checks import (
     check_budget,
     check_count,
     check_memory,
+    check_not_sharded,
     check_objective,
     check_seed,
     check_vectorize,
@@ -28,6 +29,7 @@ from ._checks import (
 from ._progress import progress
 from .budget import Budget, Geometry
 from .objective import NO_EXAMPLE, Objective, Probe, _unstack, batch_size, check_finite, overflow_to_inf
+from .selection import resolve_names
 
 Tensors = list[Tensor]
 
@@ -372,14 +374,11 @@ def corrupted(
         delta = corruption
     if not isinstance(delta, Mapping):
         raise TypeError(f"corruption must be a CorruptionResult or a mapping name -> tensor, got {type(corruption).__name__}")
-    named = dict(model.named_parameters())
     wrong = [f"{n!r}: {type(v).__name__}" for n, v in delta.items() if not isinstance(v, Tensor)]
     if wrong:
         raise TypeError(f"corruption values must be tensors, got {', '.join(wrong[:3])}")
-    unknown = [n for n in delta if n not in named]
-    if unknown:
-        raise ValueError(f"corruption names parameters the model does not have: {unknown[:5]}")
-    params = [named[n] for n in delta]
+    params = resolve_names(model, delta, "corruption")
+    check_not_sharded(params, "corrupted")
     for n, p in zip(delta, params):
         if tuple(delta[n].shape) != tuple(p.shape):
             raise ValueError(f"corruption of {n!r} has shape {tuple(delta[n].shape)}, parameter has {tuple(p.shape)}")

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_count, check_seed
+from ._checks import check_count, check_objective, check_seed
 from ._krylov import WHICH, eigenpairs, hutchinson, hutchpp, lanczos, quadrature
 from .budget import _flat
 from .indicators import _FlatHessian
@@ -142,6 +142,7 @@ def hessian_eigenpairs(
     ``tol * max|theta|`` (a bound on the eigenvalue error), or after ``max_iters`` products.
     The start is a seeded Gaussian vector (see module docstring for ``curvature``/``logits_fn``).
     """
+    check_objective(objective)
     k = check_count("k", k)
     max_iters = check_count("max_iters", max_iters)
     if which not in WHICH:
@@ -206,6 +207,7 @@ def hessian_density(
     Krishnan & Xiao 2019): ``probes`` Rademacher starts, ``iters`` Lanczos steps each; each gives
     Gauss nodes and weights of the spectral measure, whose average is smoothed with a Gaussian of
     width ``sigma`` (default 1% of the spectrum's span) on ``points`` grid points."""
+    check_objective(objective)
     check_count("probes", probes)
     check_count("iters", iters)
     check_count("points", points)
@@ -260,6 +262,7 @@ def hessian_trace_estimate(
     products find the dominant subspace, whose trace is then exact; Hutchinson on the rest). When
     a few eigenvalues dominate, as in trained networks, Hutch++ reaches the same error with far
     fewer products."""
+    check_objective(objective)
     check_count("matvecs", matvecs)
     if method not in ("hutchinson", "hutch++"):
         raise ValueError(f"method must be 'hutchinson' or 'hutch++', got {method!r}")

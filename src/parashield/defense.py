@@ -13,15 +13,13 @@ to the sum and turned in place into ``a_{t+1} = project((w + a_t) + step - w)`` 
 recovered up to one rounding of w), and the parameters are set to ``w + a_{t+1}``. Every step of
 this is one ``torch._foreach_*`` call over all tensors (one fused kernel on CUDA), with no hooks,
 no host sync until the single finiteness check at the end, and no allocation besides autograd's.
-
-The risk, the presets and the training details: docs/method.md, "Adversarial parameter defense";
-recipes: docs/guide.md.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from contextlib import closing, contextmanager, nullcontext
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -29,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._checks import check_budget, check_count, check_real, check_seed, step_size_or_default
+from ._checks import check_budget, check_count, check_not_sharded, check_real, check_seed, step_size_or_default
 from ._progress import progress
 from .budget import Budget, Geometry
 
@@ -60,34 +58,40 @@ class _FlatBuffer:
 
 class _Workspace:
     """What one parameter set needs, allocated once: ``clean`` (w of the corrupted parameters)
-    and ``gsum`` (the gradient sum, flat so that DDP needs one all-reduce; after the trajectory
-    every ``.grad`` is a view of it holding the average).
+    and, when more than one gradient is averaged (or DDP all-reduces it), ``gsum`` (the gradient
+    sum, flat so that DDP needs one all-reduce; after the trajectory every ``.grad`` is a view of
+    it holding the average). SAM and other one-gradient presets need no sum: the gradient of the
+    one averaged pass is the result, so their extra memory is ``clean`` alone.
 
     The gradients of each pass stay where autograd put them and are the scratch memory of the
     corruption: on an accelerator every bookkeeping operation is one fused ``_foreach`` kernel
     over all tensors, and the extra memory is ``clean`` and ``gsum``. On the CPU a ``_foreach``
     op runs one kernel per tensor, which dominates when tensors are small (below ~64k entries on
     average): there, when the budget allows whole-buffer maths (every parameter corrupted, no
-    per-layer scale), the gradients are gathered into a third flat buffer ``work`` by one copy
-    and the rest runs as single kernels over it, memory traded for speed.
+    per-layer scale) and gradients are summed, the gradients are gathered into a third flat
+    buffer ``work`` by one copy and the rest runs as single kernels over it, memory traded for
+    speed.
     """
 
     small_tensors = 1 << 16  # mean entries per tensor below which the CPU gathers
 
-    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool) -> None:
+    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool, summing: bool) -> None:
         self.params = params
         self.key = _workspace_key(params)
         self.corrupt_index = [i for i, p in enumerate(params) if corrupt_ids is None or id(p) in corrupt_ids]
         self.corrupted = [params[i] for i in self.corrupt_index]
         self.clean = _FlatBuffer(self.corrupted)
-        self.gsum = _FlatBuffer(params)
+        self.gsum = _FlatBuffer(params) if summing else None
         whole = len(self.corrupted) == len(params) and not layerwise
         small = sum(p.numel() for p in params) < self.small_tensors * len(params)
-        gather = whole and small and all(p.device.type == "cpu" for p in params)
+        gather = summing and whole and small and all(p.device.type == "cpu" for p in params)
         self.work = _FlatBuffer(params) if gather else None
-        self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
+        if self.gsum is not None:
+            self.sum_into = self.gsum.views if self.work is None else self.gsum.flats
         self.budget_clean = self.clean.views if self.work is None else self.clean.flats
         self.geometry = Geometry(self.budget_clean)  # refreshed at each step's w
+        self.batchnorms: Optional[list[nn.Module]] = None  # found by the first clean pass
+        self.roots: list[nn.Module] = []  # the models whose forward the clean pass ran (their buffers)
 
     def take_grads(self) -> tuple[Tensors, list[bool]]:
         """The gradients of the pass just run, owned by the defense from here on: every ``.grad``
@@ -115,6 +119,12 @@ class _Workspace:
         return self.work.flats, self.work.flats, self.work.views
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _check_base_kwargs(kwargs: dict) -> None:
     """Numbers given to the base optimizer must be finite: torch's own range checks let NaN
     through (``nan < 0`` is False); the base optimizer checks the rest."""
@@ -135,12 +145,6 @@ def _fixed_by_preset(preset: str, kwargs: dict, fixed: dict[str, str]) -> None:
     if given:
         k = given[0]
         raise TypeError(f"{preset} does not take {k}=: {fixed[k]}")
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _corrupt_ids(corrupt: object, groups: list, name: str = "corrupt") -> set:
@@ -172,48 +176,132 @@ def _finiteness_probe(grads: Tensors) -> Tensor:
     return torch.stack(norms).amax()
 
 
+def _grad_marks(params: Tensors) -> dict[int, tuple]:
+    """What the defense itself left in ``.grad`` (the averaged gradient): the tensor (weakly) and
+    its version counter, so that a later in-place accumulation into it is told apart."""
+    return {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+
+def _own(g: Tensor, mark: Optional[tuple], unstepped: bool) -> bool:
+    """Whether ``g`` is the defense's own averaged gradient: the same tensor, untouched since the
+    base step, or touched in place in any way when that step never came (a GradScaler's
+    ``unscale_`` and clipping before a skipped ``scaler.step``)."""
+    return mark is not None and mark[0]() is g and (unstepped or g._version == mark[1])
+
+
+def _check_no_pending_gradients(params: Tensors, left: dict[int, tuple], unstepped: bool) -> None:
+    """Refuse to start a trajectory over gradients an earlier ``backward()`` left in ``.grad``
+    (a framework's gradient accumulation, an outside backward): every pass's gradient is taken
+    at its own corruption, so they could be neither kept nor averaged in, and dropping them would
+    lose them silently. The defense's own averaged gradient of the last step (``left``, untouched
+    since) and zeros (``zero_grad(set_to_none=False)``) are fine; the check costs one host sync,
+    and only when some other ``.grad`` is set."""
+    held = [p.grad for p in params if p.grad is not None and not _own(p.grad, left.get(id(p)), unstepped)]
+    if not held:
+        return
+    nonzero = [(g._values() if g.is_sparse else g).ne(0).any() for g in held]
+    if len({t.device for t in nonzero}) > 1:
+        nonzero = [t.cpu() for t in nonzero]
+    if bool(torch.stack(nonzero).any()):
+        raise RuntimeError(
+            "the parameters already hold gradients from an earlier backward() (an outside backward or a "
+            "framework's gradient accumulation) when the defense step starts; APD/SAM compute every pass's "
+            "gradient at that pass's corruption and cannot include them. Call optimizer.zero_grad() before "
+            "the step and accumulate micro-batches inside the closure or the trajectory() body (one backward "
+            "per micro-batch per pass); for Trainer/Lightning/Accelerate see parashield.integrations"
+        )
+
+
 def _workspace_key(params: Tensors) -> tuple:
     return tuple((id(p), p.dtype, p.device, tuple(p.shape), p.stride()) for p in params)
 
 
-_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+def _running_statistics(module: nn.Module) -> list[Tensor]:
+    """The buffers a train-mode forward of a BatchNorm moves."""
+    return [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+
+
+def _batchnorms(root: nn.Module) -> list[nn.Module]:
+    return [m for m in root.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+_GLOBAL_HOOK_WARNING = r"Using `torch.compile\(module\)` when there are global hooks"
 
 
 @contextmanager
-def _saved_buffers(batchnorm_only: bool, restore_on_exit: bool) -> Iterator[Callable[[], None]]:
-    """Within the block, the buffers of every module that runs forward are saved before its first
-    forward: with ``batchnorm_only``, the running statistics of each ``_BatchNorm`` in train mode
-    (corrupted passes must not move them), else every buffer (a refused step leaves the model as
-    found, counters included). Yields ``restore()``, which puts them back bit for bit (the same
-    tensor objects, also where a forward replaced one), and calls it on exit when
-    ``restore_on_exit``. A global forward pre-hook finds the modules, so no model handle is needed."""
-    saved: dict[int, tuple[nn.Module, list[tuple[str, Tensor, Tensor]]]] = {}
+def _discovering_batchnorms(found: list[nn.Module], roots: list[nn.Module], undo: list[Callable[[], None]]) -> Iterator[None]:
+    """Within the block (one clean forward), collect into ``found`` the BatchNorms of every model
+    that runs and into ``roots`` those models, so that no model handle is needed: a global forward
+    pre-hook walks the subtree of each module it sees first, before any of it runs, so ``undo``
+    gets the restore of its buffers as they were. Compiled code (``torch.compile(model)``, ``model.compile()``) runs
+    eagerly for this one pass (``set_stance("force_eager")``), since hooks do not fire inside it,
+    and registering one there would recompile the model at every pass."""
+    walked: set[int] = set()
 
     def hook(module: nn.Module, args: Any) -> None:
-        if id(module) in saved:
-            return
-        if batchnorm_only and not (isinstance(module, _BatchNorm) and module.training and module.track_running_stats):
-            return
-        names = _RUNNING_STATISTICS if batchnorm_only else tuple(module._buffers)
-        items = [(n, module._buffers[n], module._buffers[n].detach().clone())
-                 for n in names if module._buffers.get(n) is not None]
-        if items:
-            saved[id(module)] = (module, items)
+        if id(module) not in walked:
+            roots.append(module)
+            undo.append(_snapshot([module]))
+            for m in module.modules():
+                if id(m) not in walked:
+                    walked.add(id(m))
+                    if isinstance(m, _BatchNorm) and m.track_running_stats:
+                        found.append(m)
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with warnings.catch_warnings(), (set_stance("force_eager") if set_stance else nullcontext()):
+            warnings.filterwarnings("ignore", message=_GLOBAL_HOOK_WARNING)  # the hook is meant to fire there
+            yield
+    finally:
+        handle.remove()
+
+
+def _snapshot(roots: list[nn.Module]) -> Callable[[], None]:
+    """Copies of every buffer of ``roots`` and their submodules now; returns the function that
+    puts them back bit for bit (the same tensor objects, also where a forward replaced one): a
+    refused step undoes what its clean pass moved (BatchNorm statistics, counters), in compiled
+    models too, since no hook is involved."""
+    saved = [(m, name, b, b.detach().clone()) for root in roots for m in root.modules()
+             for name, b in m._buffers.items() if b is not None]
 
     def restore() -> None:
         with torch.no_grad():
-            for module, items in saved.values():
-                for name, buffer, copy in items:
-                    module._buffers[name] = buffer
-                    buffer.copy_(copy)
+            for module, name, buffer, copy in saved:
+                module._buffers[name] = buffer
+                buffer.copy_(copy)
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    return restore
+
+
+@contextmanager
+def _frozen_statistics(batchnorms: list[nn.Module]) -> Iterator[None]:
+    """Restore the running statistics (and ``num_batches_tracked``) of ``batchnorms`` bit for bit
+    after the block: corrupted passes must not move them. Restoring buffers, rather than patching
+    momentum, is exact and works in compiled code without recompiling it."""
+    saved = [[b.detach().clone() for b in _running_statistics(m)] for m in batchnorms]
     try:
-        yield restore
+        yield
     finally:
-        handle.remove()
-        if restore_on_exit:
-            restore()
+        with torch.no_grad():
+            for module, copies in zip(batchnorms, saved):
+                for b, c in zip(_running_statistics(module), copies):
+                    b.copy_(c)
+
+
+class _Progress:
+    """Where the defense's step stands, in one object that copies of the optimizer's attributes
+    share: Lightning's ``LightningOptimizer`` wraps an optimizer by copying its ``__dict__``, so
+    that ``trajectory()`` called on the wrapper and ``step()`` reaching the wrapped optimizer
+    must see the same state."""
+
+    __slots__ = ("ready", "left", "in_trajectory")
+
+    def __init__(self) -> None:
+        self.ready = False  # a completed trajectory has left the averaged gradient for the base step
+        self.left: dict[int, tuple] = {}  # that gradient's marks (see _grad_marks)
+        self.in_trajectory = False
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -242,7 +330,10 @@ class APD(torch.optim.Optimizer):
             all-reduces the averaged gradient once per step (communication equals plain SGD);
             ``"sync"`` lets DDP average every pass, which equals single-process APD on the union
             of the workers' batches.
-        model: the DDP-wrapped model (only needed for ``distributed="local"`` under DDP).
+        model: the model being trained (optional): the DDP-wrapped model for
+            ``distributed="local"``; also where the BatchNorms are found whose running statistics
+            corrupted passes must not move. Without it they are found by the first clean pass,
+            which runs eagerly (also for a compiled model) with a global forward pre-hook.
         seed: seed of the random corruptions (``corruption="random"``).
         **base_kwargs: passed to ``base_optimizer`` (lr, momentum, weight_decay, ...).
     """
@@ -302,8 +393,7 @@ class APD(torch.optim.Optimizer):
         self._corrupt_ids = None if corrupt is None else _corrupt_ids(corrupt, self.param_groups)
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: Optional[_Workspace] = None
-        self._in_trajectory = False
-        self._ready = False  # a trajectory has left averaged gradients for the base step
+        self._progress = _Progress()
 
     # ------------------------------------------------------------------ the core
     def _parameters(self) -> Tensors:
@@ -316,13 +406,15 @@ class APD(torch.optim.Optimizer):
     def _workspace_for(self, params: Tensors) -> _Workspace:
         ws = self._workspace
         if ws is None or ws.key != _workspace_key(params):
-            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer")
+            check_not_sharded(params, type(self).__name__)
+            summing = self.steps + (1 if self.include_clean else 0) > 1 or self._ddp_local()
+            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", summing)
         return ws
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As ``Optimizer.zero_grad``; inside a trajectory the gradients always become None:
         each pass's gradient must be autograd's own fresh tensor, which the defense consumes."""
-        super().zero_grad(set_to_none or self._in_trajectory)
+        super().zero_grad(set_to_none or self._progress.in_trajectory)
 
     @torch.no_grad()
     def _next_corruption(self, t: int, ws: _Workspace, grads: Tensors, per_tensor: Tensors) -> None:
@@ -360,9 +452,8 @@ class APD(torch.optim.Optimizer):
         clone to keep it); clip it there if wanted. A NaN/Inf gradient in any pass raises
         ``NonFiniteGradientError`` naming the pass, with the parameters and the buffers the clean
         pass changed (BatchNorm statistics, counters) as they were before the step, unless a
-        ``GradScaler`` is given, in which case
-        the gradient is left non-finite so that ``scaler.step(optimizer)`` skips the step (fp16
-        recipe in the user guide, docs/guide.md).
+        ``GradScaler`` is given, in which case the gradient is left non-finite so that
+        ``scaler.step(optimizer)`` skips the step (fp16 recipe in the user guide, docs/guide.md).
         """
         return self._trajectory(scaler, None)
 
@@ -372,8 +463,19 @@ class APD(torch.optim.Optimizer):
         params = self._parameters()
         if not params:
             raise ValueError("no parameter of this optimizer requires grad")
-        self._ready = False
+        if self._progress.ready and scaler is None:
+            raise RuntimeError(
+                "a new trajectory() started before step() took the last one's averaged gradient (a framework's "
+                "gradient accumulation skipping optimizer.step()?); its passes would be lost. Call step() after "
+                "every trajectory, and accumulate micro-batches inside the trajectory body (one backward per "
+                "micro-batch per pass)"
+            )
+        _check_no_pending_gradients(params, self._progress.left, unstepped=self._progress.ready)
+        self._progress.ready = False
         ws = self._workspace_for(params)
+        if ws.batchnorms is None and self.model is not None:
+            ws.batchnorms, ws.roots = _batchnorms(self.model), [self.model]
+        discovered: list[nn.Module] = []
         no_sync = self.model.no_sync if self._ddp_local() else nullcontext
         count = self.steps + (1 if self.include_clean else 0)
         first = 0 if self.include_clean else 1
@@ -381,25 +483,34 @@ class APD(torch.optim.Optimizer):
         reached: list[bool] = []
         single: Optional[Tensors] = None  # the gradient itself when only one pass is averaged
         started = restored = False
-        undo_clean_pass: Optional[Callable[[], None]] = None  # a refused step leaves the buffers as found
-        self._in_trajectory = True
+        undo_clean_pass: list[Callable[[], None]] = []  # a refused step leaves the buffers as found
+        self._progress.left = {}
+        self._progress.in_trajectory = True
         try:
             self.zero_grad()  # inside the trajectory: every .grad (frozen parameters too) to None
             for t in progress(range(self.steps + 1), min_total=50, desc="APD passes", unit="pass", leave=False):
-                with _saved_buffers(batchnorm_only=t > 0, restore_on_exit=t > 0) as restore_buffers, no_sync():
-                    if t == 0:
-                        undo_clean_pass = restore_buffers
+                if t == 0:  # the clean pass moves the statistics; a refused step puts them back
+                    if ws.batchnorms is None:
+                        guard = _discovering_batchnorms(discovered, ws.roots, undo_clean_pass)
+                    else:
+                        guard = nullcontext()
+                        undo_clean_pass.append(_snapshot(ws.roots))
+                else:
+                    guard = _frozen_statistics(ws.batchnorms)
+                with guard, no_sync():
                     yield t
                 with torch.no_grad():
                     grads, seen = ws.take_grads()
                     if t == 0:
+                        if ws.batchnorms is None:
+                            ws.batchnorms = discovered
                         reached = seen
                         if not any(reached):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
                         torch._foreach_copy_(ws.clean.views, ws.corrupted)
                         ws.geometry.refresh()  # scales of this step's w, computed once
                         started = True
-                    if t >= first and count == 1 and not self._ddp_local():
+                    if t >= first and ws.gsum is None:
                         single = grads  # the average of one gradient is itself: no copy
                         flags.append(_finiteness_probe(grads))
                         continue
@@ -430,6 +541,7 @@ class APD(torch.optim.Optimizer):
                 for p, g, r in zip(params, final, reached):
                     # no gradient in the clean pass: None, as plain training leaves it
                     p.grad = g if r or everywhere else None
+                self._progress.left = _grad_marks(params)
                 if scaler is None:
                     if len({(f.device, f.dtype) for f in flags}) > 1:
                         flags = [f.to(flags[0].device, torch.float64) for f in flags]
@@ -445,28 +557,51 @@ class APD(torch.optim.Optimizer):
                             f"non-finite loss or gradient in {which}; the parameters were restored to the clean w "
                             f"and no step was taken (lower the learning rate or eps, or check the data)"
                         )
-            self._ready = True
+            self._progress.ready = True
         finally:
-            self._in_trajectory = False
+            self._progress.in_trajectory = False
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
-            if not self._ready and undo_clean_pass is not None:
-                undo_clean_pass()
+            if not self._progress.left:  # abandoned before the average: what .grad holds is one pass's leftover
+                for p in params:
+                    p.grad = None
+            if not self._progress.ready:
+                for undo in reversed(undo_clean_pass):
+                    undo()
 
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """With a closure (zero_grad, forward, backward, return loss): run the K+1 passes, calling
-        the closure exactly K+1 times, then take the base step; returns the clean loss. Without a
-        closure: take the base step after a completed ``trajectory()``. A NaN/Inf returned loss
-        stops the step like a non-finite gradient (also a loss term without gradient)."""
+        the closure exactly K+1 times, then take the base step; returns the clean loss. A NaN/Inf
+        returned loss stops the step like a non-finite gradient (also a loss term without
+        gradient).
+
+        After a completed ``trajectory()``: take the base step with its averaged gradient. A
+        closure given then is called once, under ``torch.no_grad()`` (so a forward/backward in
+        it fails loudly instead of adding to the average), and its value returned: frameworks
+        that always pass one route their pre-step hooks and clipping through it (Lightning)."""
+        if self._progress.ready:
+            value = None
+            if closure is not None:
+                with torch.no_grad():
+                    value = closure()
+            self._progress.ready = False
+            out = self._base_step()
+            return value if closure is not None else out
         if closure is None:
-            if not self._ready:
-                raise RuntimeError("step() without a closure needs a completed trajectory() first")
-            self._ready = False
-            return self.base_optimizer.step()
+            raise RuntimeError(
+                "step() without a closure needs a completed trajectory() first: a plain "
+                "'loss.backward(); optimizer.step()' loop gives one gradient, the defense needs K+1 passes. "
+                "Write 'optimizer.step(closure)' (closure: zero_grad, forward, backward, return loss) or "
+                "'for _ in optimizer.trajectory(): loss_fn(model(x), y).backward()' then 'optimizer.step()'; "
+                "for Trainer/Lightning/Accelerate see parashield.integrations"
+            )
+        from .integrations import check_framework_closure  # here: the integrations import this module
+
         if not callable(closure):
             raise TypeError("closure must be callable (zero_grad, forward, backward, return the loss), "
                             f"got {type(closure).__name__}")
+        check_framework_closure(closure)
         losses: list = []
         with closing(self._trajectory(None, losses)) as passes:  # an error in a pass restores w at once
             for t in passes:
@@ -476,9 +611,16 @@ class APD(torch.optim.Optimizer):
                     raise ValueError(f"closure must return the scalar loss of the batch, got a tensor of shape "
                                      f"{tuple(loss.shape)} in pass t = {t}")
                 losses.append(loss)
-        self._ready = False
-        self.base_optimizer.step()
+        self._progress.ready = False
+        self._base_step()
         return losses[0]
+
+    def _base_step(self) -> Optional[Tensor]:
+        """The base optimizer's step; whatever it or a clipping did to ``.grad`` before it still
+        counts as the defense's own gradient for the next step's pending-gradient check."""
+        out = self.base_optimizer.step()
+        self._progress.left = _grad_marks(self._parameters())
+        return out
 
     # ------------------------------------------------------------------ torch.optim citizenship
     def state_dict(self) -> dict:

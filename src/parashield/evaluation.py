@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_budget, check_count, check_seed
+from ._checks import check_budget, check_count, check_objective, check_seed
 from .budget import Budget, Geometry
 from .corruption import BestIterate, CorruptionResult, _as_dict, corrupted, random_interior
 from .margin import LossFn, dlr_loss
@@ -148,7 +148,7 @@ class AutoPGDCorruption:
                 first = False
 
     def __call__(self, objective: Objective) -> CorruptionResult:
-        results = list(self.runs(objective))
+        results = list(self.runs(check_objective(objective)))
         worst = max(results, key=lambda r: r.loss_after)
         history = [x for r in results for x in r.history]
         return CorruptionResult(worst.delta, worst.loss_before, worst.loss_after, self.budget, "apgd", history,

@@ -18,12 +18,13 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .budget import _foreach_norm as foreach_norm
+from ._checks import check_not_sharded
 from .selection import ParamSpec, select_parameters
 
 Tensors = list[Tensor]
@@ -219,6 +220,7 @@ class Objective:
         if meta:
             raise ValueError(f"parameters {meta[:3]} are on the meta device (shapes without values): "
                              "materialize the model (e.g. model.to_empty(device=...) and load its weights) first")
+        check_not_sharded([p for _, p in named], "Objective")
         self.model = model
         self.loss_fn = loss_fn
         self.data = data
@@ -327,6 +329,15 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+def _double_backward_attention() -> ContextManager[None]:
+    """``scaled_dot_product_attention`` restricted to its math backend, the one with a double
+    backward (the fused CPU/flash/memory-efficient kernels have none), for the passes of a
+    Hessian-vector product; the user's backend choice is restored on exit."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 class Probe:
     """Evaluation handle given by ``Objective.probe()`` (see there)."""
 
@@ -421,7 +432,8 @@ class Probe:
         obj = self.objective
         wrapper = _LossModule(obj.model, obj.loss_fn)
         r = len(stacked[0])
-        params = {f"model.{name}": a + w for name, a, w in zip(obj.names, stacked, self._saved)}
+        path = {id(p): n for n, p in obj.model.named_parameters()}  # the real paths, _orig_mod included
+        params = {f"model.{path[id(p)]}": a + w for p, a, w in zip(obj.params, stacked, self._saved)}
 
         def one(params: dict, batch: Any) -> Tensor:
             return functional_call(wrapper, params, (batch,))
@@ -474,7 +486,7 @@ class Probe:
         """Hessian-vector product ``H v`` of the loss at the current parameters (double backward)."""
         acc, count = None, 0
         vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params)]
-        with torch.enable_grad():
+        with torch.enable_grad(), _double_backward_attention():
             for loss, n in self._losses(data, differentiable=True):
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 pairs = [(g, v) for g, v in zip(grads, vectors) if g is not None]

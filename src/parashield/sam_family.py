@@ -90,6 +90,8 @@ class _PartlyScaledGeometry(Geometry):
 
 def weight_tensors(model: nn.Module) -> list[Tensor]:
     """The parameters whose name contains ``weight``: the tensors the reference ASAM code scales."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [p for n, p in model.named_parameters() if "weight" in n]
 
 
