@@ -162,6 +162,14 @@ def test_attack_strength_switches_to_the_stronger_attack():
     lower = _result({"plain": [strong(_eval(0.9, [0.8, 0.5]), 0.02) for _ in range(3)]})
     assert findings.attack_strength(lower)["verdict_attack"] == "multi_step_50x5"
 
+    def ensemble(e: dict, delta: float) -> dict:
+        for g in e["grid"]:
+            g["ensemble"] = {"metric": g["multi_step"]["metric"] - delta, "loss": g["multi_step"]["loss"]}
+        return e
+
+    both = _result({"plain": [ensemble(strong(_eval(0.9, [0.8, 0.5]), 0.02), 0.05) for _ in range(3)]})
+    assert findings.attack_strength(both)["verdict_attack"] == "ensemble"  # the strongest of the stronger ones
+
 
 def test_bitflip_comparison_on_drops():
     def flips(q: float, random_metric: float, halve) -> dict:
@@ -314,8 +322,9 @@ def test_killed_runs_finish_equal_to_an_uninterrupted_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", [n if n == "digits" else pytest.param(n, marks=pytest.mark.slow) for n in TASKS])
 def test_tiny_end_to_end_with_report(name, tmp_path):
+    """Every task end to end on a few examples (the real datasets load in full: slow but digits)."""
     task = _task(name).shrink(batches=2, examples=8)
     methods = ("plain", "plain_matched", "one_step", "sam", "sam_layer", f"apd{task.k_grid[0]}")
     res = run_task(task, methods, 3, tmp_path)
@@ -326,7 +335,8 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     text = report.read_text()
     assert f"## Task `{name}`" in text and "selected_on" not in text and "References" in text
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in findings.ATTACKS
+    assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in (*findings.ATTACKS, "ensemble")
+    assert all("ensemble" in g for r in res["runs"] for g in r["eval"]["grid"])
     assert (tmp_path / f"{name}_drop_vs_eps.png").is_file()
     assert data["tasks"][name]["budget_comparisons"][0]["rows"][0]["budget"] == "linf layer"
 

@@ -11,12 +11,15 @@ from .tasks import TASKS, Task
 
 
 def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
-    """The protocol (:func:`run`), then the bit-flip experiments (tasks that define them) and the
-    budget ablation on its final models; everything cached under ``out``."""
+    """The protocol (:func:`run`) with the attack ensemble beside its projected-ascent attacks,
+    then the bit-flip experiments (tasks that define them) and the budget ablation on its final
+    models; everything cached under ``out``."""
     from .ablation import run_budget_ablation
+    from .ensemble import merge, run_ensemble
     from .faults import run_bitflips
 
     result = run(task, methods, seeds, out)
+    merge(result, run_ensemble(task, result, out))
     if task.bitflips:
         result["bitflips"] = run_bitflips(task, result, out)
         result["bitflip_config"] = task.bitflips

@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from .cache import write_json
-from .findings import ATTACKS, bitflip_comparisons, budget_comparisons, decide, evals
+from .findings import bitflip_comparisons, budget_comparisons, decide, evals
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -84,11 +84,18 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
         lines.append(f"| {_label(m)} | {run['passes']} | {run['compute']} | {_ms([e['clean']['metric'] for e in es])} | "
                      f"{_ms([e['clean']['loss'] for e in es], 3)} |")
     eps = [g["eps"] for g in evals(tr, "plain")[0]["grid"]]
-    lines += ["", "### Attack strength", "", dec["attack_strength"]["rule"] + f": verdicts use **{dec['attack_strength']['verdict_attack']}**.", "",
-              f"| method | eps | {metric}: 10 steps | 50 steps | 50 steps x 5 restarts | loss: 10 steps | 50 x 5 |", "|---|---|---|---|---|---|---|"]
-    for r in dec["attack_strength"]["rows"]:
-        lines.append(f"| {_label(r['method'])} | {r['eps']} | " + " | ".join(_fmt(r[a]['metric']) for a in ATTACKS)
-                     + f" | {_fmt(r['multi_step']['loss'], 3)} | {_fmt(r['multi_step_50x5']['loss'], 3)} |")
+    strength = dec["attack_strength"]
+    names = {"multi_step": "10 steps", "multi_step_50": "50 steps", "multi_step_50x5": "50 steps x 5 restarts",
+             "ensemble": "ensemble (Auto-PGD, loss + margin)"}
+    attacks = strength["attacks"]
+    lines += ["", "### Attack strength", "", strength["rule"][0].upper() + strength["rule"][1:]
+              + f": verdicts use **{names[strength['verdict_attack']]}**.", "",
+              "| method | eps | " + " | ".join(f"{metric}: {names[a]}" for a in attacks) + " | "
+              + " | ".join(f"loss: {names[a]}" for a in attacks) + " |", "|---|---|" + "---|" * (2 * len(attacks))]
+    for r in strength["rows"]:
+        lines.append(f"| {_label(r['method'])} | {r['eps']} | " + " | ".join(_fmt(r[a]['metric']) for a in attacks)
+                     + " | " + " | ".join(_fmt(r[a]['loss'], 3) for a in attacks) + " |")
+    lines += ["", "Mean over every method and eps: " + ", ".join(f"{names[a]} {_fmt(strength['mean_metric'][a])}" for a in attacks) + "."]
     attack = dec["attack_strength"]["verdict_attack"]
     lines += ["", f"### Drop of {metric} from each model's own clean value ({attack}, test data)", "",
               "| method | " + " | ".join(f"eps {e}" for e in eps) + " |", "|---|" + "---|" * len(eps)]

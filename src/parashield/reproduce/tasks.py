@@ -55,6 +55,10 @@ class Task:
     multi_steps: int = 10
     strong_steps: int = 50
     strong_restarts: int = 5
+    #: the step-size-free ensemble: Auto-PGD runs per member and steps per run (about 200
+    #: gradient passes per member, below the 250 of 50 steps x 5 restarts)
+    ensemble_steps: int = 25
+    ensemble_restarts: int = 4
     random_trials: int = 5
     curvature: bool = True  #: second-order indicator (Hessian-vector products)
     curvature_iters: int = 20
@@ -81,7 +85,8 @@ class Task:
             attack_data=[_head(b, examples) for b in self.attack_data[:1]],
             valid_data=[_head(b, examples) for b in self.valid_data[:1]],
             test_data=[_head(b, examples) for b in self.test_data[:1]], corrupted_test=None,
-            epochs=1, multi_steps=2, strong_steps=3, strong_restarts=2, random_trials=2, sweep_eps=(1e-3, 1e-2),
+            epochs=1, multi_steps=2, strong_steps=3, strong_restarts=2, ensemble_steps=3, ensemble_restarts=1,
+            random_trials=2, sweep_eps=(1e-3, 1e-2),
             eval_eps=self.eval_eps[:2], eps_grid=self.eps_grid[:2], k_grid=self.k_grid[:1], lr_grid=self.lr_grid[:1],
             curvature_iters=4, info={**self.info, "shrunk": [batches, examples]},
             bitflips=self.bitflips and {**self.bitflips, "random": (1,), "trials": 1, "search_flips": 2},
