@@ -119,6 +119,8 @@ def user_setup(model_ref: str, data_ref: str, loss_ref: Optional[str], checkpoin
     model.to(device).eval()
     data = {split: user_data(data_ref, split) if split in splits else None for split in ("train", "test")}
     loss_fn = resolve(loss_ref, "--loss") if loss_ref else cross_entropy
+    from .reproduce.tasks import accuracy
+
     metric = (accuracy, "accuracy") if loss_ref is None else (None, None)
     return Setup(f"{model_ref}", None if checkpoint is None else str(checkpoint), model, loss_fn,
                  data["train"], data["test"], metric[1], metric[0], device)
@@ -206,17 +208,6 @@ def cross_entropy(model: nn.Module, batch: Any) -> Tensor:
                            "give --loss module:function with function(model, batch) -> scalar tensor")
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, data: Any) -> float:
-    """Fraction of ``(x, y)`` examples whose arg-max output is ``y``."""
-    correct = total = 0
-    device = next(model.parameters()).device
-    for x, y in [data] if is_single_batch(data) else data:
-        correct += int((model(x.to(device)).argmax(-1) == y.to(device)).sum())
-        total += len(y)
-    return correct / max(total, 1)
 
 
 # ------------------------------------------------------------------------------ checkpoints

@@ -124,14 +124,17 @@ def cross_entropy(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, batches: list) -> float:
+def accuracy(model: nn.Module, data: Any) -> float:
+    """Fraction of ``(x, y)`` examples whose arg-max output is ``y``, over one batch or a list
+    (or loader) of batches."""
+    from ..objective import is_single_batch
+
     correct = total = 0
     device = next(model.parameters()).device
-    for x, y in batches:
-        pred = model(x.to(device)).argmax(-1)
-        correct += int((pred == y.to(device)).sum())
+    for x, y in [data] if is_single_batch(data) else data:
+        correct += int((model(x.to(device)).argmax(-1) == y.to(device)).sum())
         total += len(y)
-    return correct / total
+    return correct / max(total, 1)
 
 
 def _classification(name: str, data, build_model: Callable[[], nn.Module], batch: int, references: Callable[[], dict],
