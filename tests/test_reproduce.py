@@ -331,6 +331,10 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     assert set(res["references"]) and {r["method"] for r in res["runs"]} == set(methods)
     assert {r["method"] for r in res["budget_ablation"]} == set(methods)  # the controls and the headline APD
     assert bool(res.get("bitflips")) == bool(task.bitflips)
+    assert bool(res.get("hessian_density")) == task.curvature
+    for d in res.get("hessian_density", {}).values():  # a density on its grid, integrating to about 1
+        step = d["grid"][1] - d["grid"][0]
+        assert sum(d["density"]) * step == pytest.approx(1.0, abs=0.05) and d["bottom"] <= d["top"]
     report = write_report({"tasks": {name: res}}, tmp_path)
     text = report.read_text()
     assert f"## Task `{name}`" in text and "selected_on" not in text and "References" in text

@@ -127,6 +127,12 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     lines += _layers_markdown(tr)
     if tr.get("budget_comparisons"):
         lines += _budget_markdown(tr)
+    if tr.get("hessian_density"):
+        lines += ["#### Hessian spectrum (seed 0, attack data, stochastic Lanczos quadrature)", "",
+                  "| method | largest Ritz value | smallest | mass below 0 |", "|---|---|---|---|"]
+        lines += [f"| {_label(m)} | {_fmt(d['top'])} | {_fmt(d['bottom'])} | {_fmt(d['negative_mass'])} |"
+                  for m, d in tr["hessian_density"].items()]
+        lines.append("")
     if tr.get("bitflips"):
         lines += _bitflip_markdown(tr)
     if images:
@@ -134,6 +140,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
                   f"![{name}: measured per-layer vulnerability]({name}_layers.png)", ""]
         if tr.get("bitflips"):
             lines += [f"![{name}: bit flips]({name}_bitflips.png)", ""]
+        if tr.get("hessian_density"):
+            lines += [f"![{name}: Hessian density]({name}_hessian_density.png)", ""]
     return lines
 
 
@@ -294,6 +302,18 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     fig.tight_layout()
     fig.savefig(out / f"{name}_layers.png", dpi=110)
     plt.close(fig)
+
+    if tr.get("hessian_density"):
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for m, d in tr["hessian_density"].items():
+            ax.plot(d["grid"], [max(v, 1e-8) for v in d["density"]], color=COLORS.get(m), label=_label(m))
+        ax.set_yscale("log")
+        ax.set_xlabel("Hessian eigenvalue")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_hessian_density.png", dpi=110)
+        plt.close(fig)
 
     if tr.get("bitflips"):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)

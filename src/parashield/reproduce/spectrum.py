@@ -1,0 +1,35 @@
+"""Hessian spectra of the reproduction's models: the stochastic-Lanczos density of the loss's
+Hessian on the attack data for the seed-0 model of plain training, SAM and the headline APD
+(tasks with ``curvature``). Flatter minima have their mass nearer 0 and a smaller top
+eigenvalue. Cached per run in ``density.json``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..curvature import hessian_density
+from ..objective import Objective
+from .runner import Run, Spec
+from .tasks import Task
+
+#: stochastic Lanczos quadrature: probe vectors and Lanczos steps per probe
+SETTINGS = {"probes": 4, "iters": 60}
+
+
+def density_evaluate(task: Task, model: nn.Module) -> dict:
+    d = hessian_density(Objective(model, task.loss_fn, task.attack_data), seed=0, **SETTINGS)
+    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "top": float(d.nodes.max()),
+            "bottom": float(d.nodes.min()), "negative_mass": float((d.weights * (d.nodes < 0)).sum(1).mean())}
+
+
+def run_density(task: Task, result: dict, out: Path) -> dict:
+    """Densities of the seed-0 plain, SAM and headline APD models (where they were run)."""
+    wanted = [m for m in ("plain", "sam", result["headline"]) if m in result["methods"]]
+    rows = {}
+    for r in result["runs"]:
+        if r["seed"] == 0 and r["method"] in wanted:
+            run = Run(task, Spec(**r["spec"]), 0, out)
+            rows[r["method"]] = run.cached("density", lambda m: density_evaluate(task, m), extra_key=SETTINGS)
+    return rows
