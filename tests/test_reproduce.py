@@ -350,3 +350,15 @@ def test_report_without_matplotlib_links_no_images(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     text = write_report({"tasks": {"digits": res}}, tmp_path / "r").read_text()
     assert "matplotlib is not installed" in text and ".png" not in text
+
+
+def test_budget_ablation_excludes_points_at_chance():
+    def rows(metrics):
+        return [{"budget": "linf layer", "eps": e, "metric": m} for e, m in zip((0.05, 0.2), metrics)]
+
+    ab = [{"method": "plain", "seed": s, "clean_subset_metric": 0.9, "rows": rows([0.7, 0.105])} for s in range(4)]
+    ab += [{"method": "apd3", "seed": s, "clean_subset_metric": 0.9, "rows": rows([0.8 + 0.01 * s, 0.11])} for s in range(4)]
+    tr = {"budget_ablation": ab, "headline": "apd3", "higher_is_better": True, "chance": 0.1, "point": 0.01}
+    (c,) = findings.budget_comparisons(tr)
+    assert [r["eps"] for r in c["rows"]] == [0.05] and c["excluded"] == ["linf layer eps 0.2"]
+    assert c["rows"][0]["drop"]["call"] == "better"

@@ -265,20 +265,34 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
 
 def budget_comparisons(tr: dict) -> list[dict]:
     """The headline APD against each control under the ablation budgets, on drops from each
-    model's own clean metric, paired over seeds, per budget and eps."""
+    model's own clean metric, paired over seeds, per budget and eps; (budget, eps) points where
+    every method sits at chance are excluded and listed."""
     by: dict = {}
     for r in tr.get("budget_ablation") or []:
         by.setdefault(r["method"], {})[r["seed"]] = r
     head, sign, out = tr["headline"], _sign(tr), []
+    if head not in by:
+        return out
+    first = next(iter(by[head].values()))["rows"]
+
+    def at_chance(i: int) -> bool:  # every method's mean metric at chance, as for the main grid
+        means = [_mean([r["rows"][i]["metric"] for r in runs.values()]) for runs in by.values()]
+        return all(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"]
+                   for v in means)
+
+    excluded = [i for i in range(len(first)) if at_chance(i)]
     for c in CONTROLS:
-        if c not in by or head not in by:
+        if c not in by:
             continue
         seeds = sorted(set(by[c]) & set(by[head]))
         a, b = [by[head][s] for s in seeds], [by[c][s] for s in seeds]
         rows = []
-        for i, row in enumerate(a[0]["rows"]):
+        for i, row in enumerate(first):
+            if i in excluded:
+                continue
             d = lambda r: sign * (r["clean_subset_metric"] - r["rows"][i]["metric"])  # noqa: E731
             rows.append({"budget": row["budget"], "eps": row["eps"],
                          "drop": paired([d(r) for r in b], [d(r) for r in a]).as_dict()})
-        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows})
+        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows,
+                    "excluded": [f"{first[i]['budget']} eps {first[i]['eps']}" for i in excluded]})
     return out

@@ -191,6 +191,9 @@ def _budget_markdown(tr: dict) -> list[str]:
     for c in tr["budget_comparisons"]:
         for r in c["rows"]:
             lines.append(f"| {_label(c['b'])} | {r['budget']} | {r['eps']} | {_pair(r['drop'])} |")
+    excluded = tr["budget_comparisons"][0]["excluded"] if tr["budget_comparisons"] else []
+    if excluded:
+        lines += ["", f"Excluded (every model at chance): {', '.join(excluded)}."]
     return lines + [""]
 
 
