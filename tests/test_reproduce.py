@@ -331,6 +331,8 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     assert set(res["references"]) and {r["method"] for r in res["runs"]} == set(methods)
     assert {r["method"] for r in res["budget_ablation"]} == set(methods)  # the controls and the headline APD
     assert bool(res.get("bitflips")) == bool(task.bitflips)
+    for r in res.get("bitflips") or []:  # float32 exponent flips beside the int8 ones
+        assert [row["flips"] for row in r["float32_exponent"]["random"]] == [1, 3, 10]
     assert bool(res.get("hessian_density")) == task.curvature
     for d in res.get("hessian_density", {}).values():  # a density on its grid, integrating to about 1
         step = d["grid"][1] - d["grid"][0]
@@ -342,7 +344,10 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in (*findings.ATTACKS, "ensemble")
     assert all("ensemble" in g for r in res["runs"] for g in r["eval"]["grid"])
     assert (tmp_path / f"{name}_drop_vs_eps.png").is_file()
-    assert data["tasks"][name]["budget_comparisons"][0]["rows"][0]["budget"] == "linf layer"
+    comp = data["tasks"][name]["budget_comparisons"][0]  # every ablation point compared or listed as at chance
+    points = [f"{r['budget']} eps {r['eps']}" for r in comp["rows"]] + comp["excluded"]
+    ablation = [f"{r['budget']} eps {r['eps']}" for r in res["budget_ablation"][0]["rows"]]
+    assert sorted(points) == sorted(ablation) and ablation[0].startswith("linf layer")
 
 
 def test_report_without_matplotlib_links_no_images(tiny, tmp_path, monkeypatch):

@@ -1,6 +1,8 @@
 """Bit-flip experiments of the reproduction: each final model is quantized to int8 (one scale per
 output channel) and its test metric measured under random bit flips and along the progressive bit
-search. Cached per run in ``bitflips.json`` beside ``train.pt``."""
+search; and, on the float32 weights themselves, under random flips of exponent bits (the faults
+that turn a weight into a huge number). Cached per run in ``bitflips.json`` and
+``float_flips.json`` beside ``train.pt``."""
 
 from __future__ import annotations
 
@@ -56,6 +58,25 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     return out
 
 
+#: random float32 exponent-bit flips: flip counts, and draws of each
+FLOAT_FLIPS = {"random": (1, 3, 10), "trials": 5}
+
+
+def float_flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
+    """Test metric of the float model under random flips of exponent bits of its weights."""
+    attack = Objective(model, task.loss_fn, task.attack_data[:1])
+    data = task.corrupted_data
+    out = {"float_metric": _metric(task, model, data), "random": []}
+    for n in FLOAT_FLIPS["random"]:
+        values = []
+        for t in range(FLOAT_FLIPS["trials"]):
+            res = RandomBitFlip(n, bits="exponent", seed=seed * 1000 + t)(attack)
+            with corrupted(model, res):
+                values.append(_metric(task, model, data))
+        out["random"].append({"flips": n, "metrics": values})
+    return out
+
+
 def run_bitflips(task: Task, result: dict, out: Path) -> list[dict]:
     """Flip experiments for the plain model, the controls and the headline APD of a finished
     :func:`.runner.run` result, over its seeds."""
@@ -65,5 +86,6 @@ def run_bitflips(task: Task, result: dict, out: Path) -> list[dict]:
     for r in progress(jobs, desc=f"bit flips {task.name}", unit="run"):
         run = Run(task, Spec(**r["spec"]), r["seed"], out)
         data = run.cached("bitflips", lambda m, s=r["seed"]: flip_evaluate(task, m, s), extra_key=task.bitflips)
-        rows.append({"method": r["method"], "seed": r["seed"], **data})
+        floats = run.cached("float_flips", lambda m, s=r["seed"]: float_flip_evaluate(task, m, s), extra_key=FLOAT_FLIPS)
+        rows.append({"method": r["method"], "seed": r["seed"], **data, "float32_exponent": floats})
     return rows

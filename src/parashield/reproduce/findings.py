@@ -257,6 +257,13 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
             rows[f"after {n} searched"] = paired([r["quantized_metric"] - _after(r, n) for r in b],
                                                  [r["quantized_metric"] - _after(r, n) for r in a]).as_dict()
         rows["flips to halve (lower bound)"] = paired([halve(r) for r in a], [halve(r) for r in b]).as_dict()
+        if "float32_exponent" in a[0]:
+            for i, row in enumerate(a[0]["float32_exponent"]["random"]):
+                def fdrop(r: dict, i: int = i) -> float:
+                    f = r["float32_exponent"]
+                    return f["float_metric"] - _mean(f["random"][i]["metrics"])
+
+                rows[f"float32 exponent {row['flips']}"] = paired([fdrop(r) for r in b], [fdrop(r) for r in a]).as_dict()
         out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows,
                     "never_halved": {head: sum(r["search"]["flips_to_halve"] is None for r in a),
                                      c: sum(r["search"]["flips_to_halve"] is None for r in b)}})

@@ -211,7 +211,16 @@ def _bitflip_markdown(tr: dict) -> list[str]:
         lines.append(f"| {_label(m)} | {_ms([r['quantized_metric'] for r in rs])} | "
                      + " | ".join(_ms([x for r in rs for x in r['random'][i]['metrics']]) for i in range(len(counts)))
                      + f" | {_ms([h for h in halves if h is not None], 1)} | {sum(h is None for h in halves)}/{len(rs)} |")
-    lines += ["", f"Headline APD against each control, on drops from each model's own int8 {metric} (paired over seeds):", "",
+    if "float32_exponent" in tr["bitflips"][0]:
+        fcounts = [row["flips"] for row in tr["bitflips"][0]["float32_exponent"]["random"]]
+        lines += ["", f"{metric} of the float32 model under random exponent-bit flips of its weights:", "",
+                  "| method | float32 clean | " + " | ".join(f"{n} exponent flips" for n in fcounts) + " |",
+                  "|---|---|" + "---|" * len(fcounts)]
+        for m, rs in by.items():
+            lines.append(f"| {_label(m)} | {_ms([r['float32_exponent']['float_metric'] for r in rs])} | "
+                         + " | ".join(_ms([x for r in rs for x in r["float32_exponent"]["random"][i]["metrics"]])
+                                      for i in range(len(fcounts))) + " |")
+    lines += ["", f"Headline APD against each control, on drops from each model's own int8 {metric} (float32 rows: from its float32 {metric}; paired over seeds):", "",
               "| control | " + " | ".join(tr["bitflip_comparisons"][0]["rows"]) + " |" if tr["bitflip_comparisons"] else "",
               "|---|" + "---|" * len(tr["bitflip_comparisons"][0]["rows"]) if tr["bitflip_comparisons"] else ""]
     for c in tr["bitflip_comparisons"]:
