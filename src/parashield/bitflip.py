@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ._checks import check_count, check_objective, check_seed
 from ._progress import progress
 from .corruption import CorruptionResult, corrupted
-from .objective import Objective, overflow_to_inf
+from .objective import Objective, Probe, overflow_to_inf
 from .quantization import Int8Quantization
 from .selection import parameter_aliases
 
@@ -307,7 +307,7 @@ class ProgressiveBitSearch:
             new[j] = target.toggle(new.get(j, flat[j]), b)
         return new
 
-    def _loss_with(self, pr, target: _Target, i: int, codes: Tensor, group: Group) -> float:
+    def _loss_with(self, pr: Probe, target: _Target, i: int, codes: Tensor, group: Group) -> float:
         """The loss with ``group`` flipped in tensor i; the tensor is put back after (and by the
         probe, should the loss raise)."""
         p, saved = target.params[i], []
@@ -320,7 +320,7 @@ class ProgressiveBitSearch:
             p[at] = old
         return loss
 
-    def _round(self, pr, target: _Target, grads: list[Tensor], codes: list[Tensor], current: float,
+    def _round(self, pr: Probe, target: _Target, grads: list[Tensor], codes: list[Tensor], current: float,
                cap: int) -> tuple[Optional[tuple[float, int, Group]], int]:
         """One round: in-layer search (each layer's candidates flipped alone), cross-layer search
         (the best layer), escalating the group size while no candidate raises the loss above
