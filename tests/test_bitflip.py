@@ -429,6 +429,10 @@ def test_rounds_account_for_every_flip_on_a_trained_model():
         assert obj.loss() == pytest.approx(res.history[-1], rel=1e-9)
     assert _same(model, snap)
     assert res.as_dict()["flips_per_round"] == res.flips_per_round
+    # A search that never gets stuck is the same with escalation on or off.
+    on, off = (ProgressiveBitSearch(q, max_flips=8, max_group=g)(obj) for g in (None, 1))
+    assert on.stopped == off.stopped == "budget" and on.flips_per_round == [1] * 8
+    assert on.flips == off.flips and on.history == off.history and on.passes == off.passes
 
 
 def test_search_argument_errors():
