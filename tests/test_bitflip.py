@@ -331,6 +331,10 @@ def test_escalation_flips_the_pair_that_single_flips_cannot_replace():
     assert _same(lin, snap)
     # A pair needs two flips of budget: with one left the search is stuck.
     assert ProgressiveBitSearch(q, max_flips=1)(obj).stopped == "stuck"
+    # The pre-filter keeps the two tied weights (|dL/dq| = 1/127; w0's is about 0): the same pair.
+    filtered = ProgressiveBitSearch(q, max_flips=2, prefilter=2)(obj)
+    assert sorted(filtered.flips) == sorted(res.flips) and filtered.history == res.history  # tied: any order
+    assert ProgressiveBitSearch(q, max_flips=2, prefilter=1)(obj).stopped == "stuck"  # one weight: no pair
 
 
 @pytest.mark.parametrize("max_group,expected", [(2, []), (3, [3]), (None, [3])])

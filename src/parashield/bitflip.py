@@ -12,7 +12,8 @@ weights, so ``ps.corrupted(model, result)`` applies and undoes them bit for bit.
   the loss with each layer's best candidates flipped, and keeps the flip that raises the loss
   most; when no single flip raises it, it escalates as the published search does, flipping each
   layer's top-k bits together for k = 2, 3, ... It stops at the flip budget, when the metric falls
-  to a target, or when no candidate raises the loss.
+  to a target, or when no candidate raises the loss. On large layers it can rank only each
+  layer's top-m weights by ``|g s|`` (``prefilter``).
 
 The formulas: docs/method.md, "Bit flips and int8 quantization"; usage: docs/guide.md.
 """
