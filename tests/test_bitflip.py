@@ -248,3 +248,200 @@ def test_search_stops_when_a_flip_makes_the_loss_overflow():
     assert res.history[-1] > 1e18  # exp of a huge output: its gradient no longer fits a float
     assert len(res.flips) == len(res.history) - 1 < 20
     assert _same(model, snap)
+
+
+
+# ------------------------------------------------------------------ escalation and pre-filter, exactly
+def _flip_code(code: int, bits) -> int:
+    """An int8 code with ``bits`` toggled in two's complement (pure Python, independent of the library)."""
+    u = code & 0xFF
+    for b in bits:
+        u ^= 1 << b
+    return u - 256 if u >= 128 else u
+
+
+def _loss_at(obj, name: str, codes: list, scale) -> float:
+    """The objective's loss with parameter ``name`` set to ``codes * scale`` (then put back)."""
+    p = dict(obj.model.named_parameters())[name]
+    saved = p.detach().clone()
+    with torch.no_grad():
+        p.copy_((torch.tensor(codes, dtype=torch.float32).view(p.shape) * scale).to(p.dtype))
+    try:
+        return obj.loss()
+    finally:
+        with torch.no_grad():
+            p.copy_(saved)
+
+
+def _tied(n: int):
+    """A loss that no group of fewer than ``n`` flips can raise: weights [1, 0.25 x n] (codes 127,
+    32, ...), loss = sum of the n tied weights - 1000 * (their pairwise squared differences +
+    (w0 - 1)^2). Raising one tied weight alone breaks the tie at a cost far above its gain;
+    raising all n by the same bit does not. The first-order ranking puts bit 6 of each tied weight
+    on top."""
+    lin = nn.Linear(n + 1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0] + [0.25] * n]))
+    q = quantize_(lin)
+    assert q.codes[0].view(-1).tolist() == [127] + [32] * n
+
+    def loss(m, batch):
+        w = m.weight[0]
+        tied = w[1:]
+        return tied.sum() - 1000 * ((tied[:, None] - tied[None, :]).triu(1).square().sum() + (w[0] - 1).square())
+
+    return lin, q, ps.Objective(lin, loss, torch.zeros(1, n + 1))
+
+
+def _best_of_groups(q, obj, size: int) -> float:
+    """Brute force: the highest loss over every set of ``size`` distinct (element, bit) flips."""
+    from itertools import combinations
+
+    codes, scale = q.codes[0].view(-1).tolist(), q.scales[0]
+    pairs = [(j, b) for j in range(len(codes)) for b in range(8)]
+    best = -math.inf
+    for chosen in combinations(pairs, size):
+        new = list(codes)
+        for j, b in chosen:
+            new[j] = _flip_code(new[j], [b])
+        best = max(best, _loss_at(obj, "weight", new, scale))
+    return best
+
+
+def test_escalation_flips_the_pair_that_single_flips_cannot_replace():
+    lin, q, obj = _tied(2)
+    snap = _snapshot(lin)
+    before = obj.loss()
+    assert _best_of_groups(q, obj, 1) < before  # no single flip raises the loss...
+    best_pair = _best_of_groups(q, obj, 2)
+    assert best_pair > before + 1  # ...a pair does (bit 6 of both tied weights: +128/127)
+
+    plain = ProgressiveBitSearch(q, max_flips=4, max_group=1)(obj)
+    assert plain.flips == [] and plain.stopped == "stuck" and plain.loss_after == before
+    assert plain.history == [before] and plain.flips_per_round == []
+    assert plain.passes == 3  # loss before, one gradient, one candidate (1 layer x 1)
+
+    res = ProgressiveBitSearch(q, max_flips=2)(obj)  # default: escalate up to the budget
+    assert sorted(res.flips) == [("weight", 1, 6), ("weight", 2, 6)]
+    assert res.flips_per_round == [2] and res.stopped == "budget"
+    assert res.loss_after == pytest.approx(best_pair, rel=1e-6) and res.history == [before, pytest.approx(best_pair)]
+    assert res.passes == 4  # loss before, gradient, the single candidate, the pair
+    with ps.corrupted(lin, res):
+        assert lin.weight.detach().view(-1).tolist() == pytest.approx([127 / 127, 96 / 127, 96 / 127], abs=1e-6)
+    assert _same(lin, snap)
+    # A pair needs two flips of budget: with one left the search is stuck.
+    assert ProgressiveBitSearch(q, max_flips=1)(obj).stopped == "stuck"
+    # The pre-filter keeps the two tied weights (|dL/dq| = 1/127; w0's is about 0): the same pair.
+    filtered = ProgressiveBitSearch(q, max_flips=2, prefilter=2)(obj)
+    assert sorted(filtered.flips) == sorted(res.flips) and filtered.history == res.history  # tied: any order
+    assert ProgressiveBitSearch(q, max_flips=2, prefilter=1)(obj).stopped == "stuck"  # one weight: no pair
+
+
+@pytest.mark.parametrize("max_group,expected", [(2, []), (3, [3]), (None, [3])])
+def test_escalation_grows_the_group_up_to_its_cap(max_group, expected):
+    """Three tied weights: groups of 1 and 2 fail, the group of 3 raises the loss."""
+    lin, q, obj = _tied(3)
+    before = obj.loss()
+    res = ProgressiveBitSearch(q, max_flips=5, max_group=max_group)(obj)
+    assert res.flips_per_round[:1] == expected
+    if expected:
+        assert sorted(res.flips[:3]) == [("weight", j, 6) for j in (1, 2, 3)]
+        assert res.history[1] == pytest.approx(before + 3 * 64 / 127, rel=1e-5)
+        assert len(res.flips) == sum(res.flips_per_round) <= 5
+    else:
+        assert res.flips == [] and res.stopped == "stuck" and res.passes == 1 + 1 + 2  # sizes 1 and 2 tried
+
+
+def test_restored_when_the_loss_raises_during_escalation():
+    lin, q, obj = _tied(2)
+    snap, codes = _snapshot(lin), q.codes[0].clone()
+    calls = []
+
+    def loss(m, batch):
+        calls.append(1)
+        if len(calls) == 4:  # before, gradient, the single candidate: the pair's evaluation raises
+            raise RuntimeError("boom")
+        return obj.loss_fn(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ProgressiveBitSearch(q, max_flips=2)(ps.Objective(lin, loss, torch.zeros(1, 3)))
+    assert len(calls) == 4 and _same(lin, snap) and torch.equal(q.codes[0], codes)
+
+
+@pytest.mark.parametrize("bit", [7, 6, 2])
+def test_first_round_is_the_brute_force_best_single_flip(bit):
+    """One allowed bit position and candidates covering every weight: the round evaluates every
+    possible flip, so its pick is the brute-force best over all layers."""
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    best = max((_loss_at(obj, name, [_flip_code(c, [bit]) if k == j else c for k, c in enumerate(codes.view(-1).tolist())],
+                         q.scales[i]), name, j)
+               for i, (name, codes) in enumerate(zip(q.names, q.codes)) for j in range(codes.numel()))
+    res = ProgressiveBitSearch(q, max_flips=1, candidates=96, bits=[bit])(obj)
+    assert res.flips == [(best[1], best[2], bit)]
+    assert res.loss_after == pytest.approx(best[0], rel=1e-9)
+    assert res.passes == 1 + 1 + 96 + 64  # loss, gradient, every weight of the two layers
+
+
+def test_prefilter_at_or_above_the_layer_size_changes_nothing():
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    runs = [ProgressiveBitSearch(q, max_flips=6, candidates=2, prefilter=m)(obj) for m in (None, 96, 10**9)]
+    for res in runs[1:]:
+        assert res.flips == runs[0].flips and res.history == runs[0].history and res.passes == runs[0].passes
+        assert res.flips_per_round == runs[0].flips_per_round
+    assert len(runs[0].flips) == 6
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_prefilter_ranks_only_the_top_weights_by_code_gradient(m):
+    """With ``prefilter=m`` the round's candidates are exactly the top-m weights of each layer by
+    |dL/dq| = |g s|: with one bit position and candidates >= m, the pick is the brute-force best
+    over those weights, and not the unrestricted best."""
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    _, grads = obj.restrict(q.params).gradient()
+    bit = 6  # a position where the unrestricted best lies outside the top weights
+    allowed, best = [], None
+    for i, (name, codes) in enumerate(zip(q.names, q.codes)):
+        top = (grads[i] * q.scales[i]).abs().view(-1).topk(m).indices.tolist()
+        flat = codes.view(-1).tolist()
+        for j in top:
+            loss = _loss_at(obj, name, [_flip_code(c, [bit]) if k == j else c for k, c in enumerate(flat)], q.scales[i])
+            best = max(best or (loss, name, j), (loss, name, j))
+    res = ProgressiveBitSearch(q, max_flips=1, candidates=m, bits=[bit], prefilter=m)(obj)
+    assert res.flips == [(best[1], best[2], bit)] and res.loss_after == pytest.approx(best[0], rel=1e-9)
+    assert res.passes == 1 + 1 + 2 * m
+    unfiltered = ProgressiveBitSearch(q, max_flips=1, candidates=96, bits=[bit])(obj)
+    assert unfiltered.loss_after > res.loss_after  # the filter did restrict the search
+
+
+def test_rounds_account_for_every_flip_on_a_trained_model():
+    model = _trained()
+    q = quantize_(model)
+    obj = _objective(model)
+    snap = _snapshot(model)
+    res = ProgressiveBitSearch(q, max_flips=12, prefilter=20)(obj)
+    assert len(res.flips) == sum(res.flips_per_round) == res.budget.flips <= 12
+    assert len(res.history) == len(res.flips_per_round) + 1
+    assert all(b > a for a, b in zip(res.history, res.history[1:]))  # every kept round raised the loss
+    assert res.stopped in ("budget", "stuck") and (res.stopped == "stuck") == (len(res.flips) < 12)
+    with ps.corrupted(model, res):
+        assert obj.loss() == pytest.approx(res.history[-1], rel=1e-9)
+    assert _same(model, snap)
+    assert res.as_dict()["flips_per_round"] == res.flips_per_round
+    # A search that never gets stuck is the same with escalation on or off.
+    on, off = (ProgressiveBitSearch(q, max_flips=8, max_group=g)(obj) for g in (None, 1))
+    assert on.stopped == off.stopped == "budget" and on.flips_per_round == [1] * 8
+    assert on.flips == off.flips and on.history == off.history and on.passes == off.passes
+
+
+def test_search_argument_errors():
+    q = quantize_(_model())
+    with pytest.raises(ValueError, match="max_group must be an int >= 1"):
+        ProgressiveBitSearch(q, 3, max_group=0)
+    with pytest.raises(TypeError, match="prefilter must be an int >= 1"):
+        ProgressiveBitSearch(q, 3, prefilter=2.5)

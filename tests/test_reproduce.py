@@ -171,6 +171,13 @@ def test_attack_strength_switches_to_the_stronger_attack():
     assert findings.attack_strength(both)["verdict_attack"] == "ensemble"  # the strongest of the stronger ones
 
 
+def test_search_histories_per_flip_count_a_group_once_complete():
+    from parashield.reproduce.faults import per_flip
+
+    assert per_flip([0.9, 0.8, 0.4, 0.3], [1, 3, 1]) == [0.9, 0.8, 0.8, 0.8, 0.4, 0.3]
+    assert per_flip([0.9], []) == [0.9]
+
+
 def test_bitflip_comparison_on_drops():
     def flips(q: float, random_metric: float, halve) -> dict:
         return {"quantized_metric": q, "random": [{"flips": 100, "metrics": [random_metric] * 3}],

@@ -9,8 +9,11 @@ weights, so ``ps.corrupted(model, result)`` applies and undoes them bit for bit.
 * :class:`RandomBitFlip`: n flips drawn uniformly, without repetition, over the allowed bits.
 * :class:`ProgressiveBitSearch`: the bit-flip attack of Rakin et al. (ICCV 2019). Each round ranks
   every (weight, bit) of each layer by the first-order loss gain ``g * (q' - q) * s``, evaluates
-  the loss with each layer's best candidates flipped, and keeps the single flip that raises the
-  loss most; it stops at the flip budget or when the metric falls to a target.
+  the loss with each layer's best candidates flipped, and keeps the flip that raises the loss
+  most; when no single flip raises it, it escalates as the published search does, flipping each
+  layer's top-k bits together for k = 2, 3, ... It stops at the flip budget, when the metric falls
+  to a target, or when no candidate raises the loss. On large layers it can rank only each
+  layer's top-m weights by ``|g s|`` (``prefilter``).
 
 The formulas: docs/method.md, "Bit flips and int8 quantization"; usage: docs/guide.md.
 """
@@ -28,7 +31,7 @@ from torch import Tensor, nn
 from ._checks import check_count, check_objective, check_seed
 from ._progress import progress
 from .corruption import CorruptionResult, corrupted
-from .objective import Objective, overflow_to_inf
+from .objective import Objective, Probe, overflow_to_inf
 from .quantization import Int8Quantization
 from .selection import parameter_aliases
 
@@ -53,11 +56,16 @@ class FlipBudget:
 @dataclass(repr=False)
 class BitFlipResult(CorruptionResult):
     """A bit-flip corruption: ``flips`` lists (name, flat index, bit) in the order applied,
-    ``values`` the flipped parameters; ``history``/``metric_history`` the loss/metric after 0, 1,
-    2, ... flips (the search records each step, a random draw only its end points)."""
+    ``values`` the flipped parameters; ``history``/``metric_history`` the loss/metric before and
+    after each round, ``flips_per_round`` the bits each round flipped (the search: 1, or k where it
+    escalated to a group of k bits; a random draw: one round of all its flips); ``stopped`` why
+    the search ended: "budget", "target" (the metric reached it), "stuck" (no candidate raised
+    the loss) or "overflow" (the loss or its gradient overflowed); None for a random draw."""
 
     flips: list[Flip] = field(default_factory=list)
     metric_history: list[float] = field(default_factory=list)
+    flips_per_round: list[int] = field(default_factory=list)
+    stopped: Optional[str] = None
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +78,8 @@ class BitFlipResult(CorruptionResult):
             "history": list(self.history),
             "metric_history": list(self.metric_history),
             "flipped": [list(f) for f in self.flips],
+            "flips_per_round": list(self.flips_per_round),
+            "stopped": self.stopped,
             "passes": self.passes,
         }
 
@@ -156,13 +166,16 @@ class _Target:
                 for i, t in ints.items()}
 
     def result(self, objective: Objective, flips: list[Flip], method: str, loss_before: float, passes: int,
-               history: Optional[list[float]] = None, metric_history: Optional[list[float]] = None) -> BitFlipResult:
+               history: Optional[list[float]] = None, metric_history: Optional[list[float]] = None,
+               flips_per_round: Optional[list[int]] = None, stopped: Optional[str] = None) -> BitFlipResult:
         values = self.values(flips)
         named = dict(parameter_aliases(objective.model))
         delta = {n: v - named[n].detach() for n, v in values.items()}
         res = BitFlipResult(delta=delta, values=values, loss_before=loss_before, loss_after=loss_before,
                             budget=FlipBudget(len(flips), self.bits), method=method, passes=passes, flips=flips,
-                            metric_history=list(metric_history or []))
+                            metric_history=list(metric_history or []),
+                            flips_per_round=list(flips_per_round) if flips_per_round is not None else [len(flips)],
+                            stopped=stopped)
         with corrupted(objective.model, res):
             res.loss_after = _loss(objective)
         res.history = list(history) if history is not None else [loss_before, res.loss_after]
@@ -207,25 +220,37 @@ class RandomBitFlip:
         return target.result(objective, flips, "random_bitflip", _loss(objective), passes=2)
 
 
+Group = list[tuple[int, int]]  # (flat element index, bit position) flips of one tensor, applied together
+
+
 class ProgressiveBitSearch:
     """Progressive bit search (the bit-flip attack) on int8 codes.
 
     Args:
         quantization: the int8 codes to attack (from ``quantize_``).
-        max_flips: the flip budget.
-        candidates: flips per layer whose loss is evaluated each round (the top-ranked by the
-            first-order gain); the round keeps the best of all layers' candidates.
-        metric: optional ``metric(model) -> float`` recorded after every flip (e.g. test accuracy).
+        max_flips: the flip budget: every flipped bit counts, also those of a group.
+        candidates: single flips per layer whose loss is evaluated each round (the top-ranked by
+            the first-order gain); the round keeps the best of all layers' candidates.
+        metric: optional ``metric(model) -> float`` recorded after every round (e.g. test accuracy).
         target: stop once ``metric`` is at or below this value (needs ``metric``).
         bits: allowed bit positions of the codes (default all 8).
+        max_group: the escalation of the published search: when no single flip raises the loss,
+            each layer's k top-ranked flips are evaluated together, k = 2, 3, ... up to
+            ``max_group`` bits, and the first k whose best layer raises the loss is kept.
+            ``None`` (default, as published): up to the flips left in the budget; ``1``: no
+            escalation. The search stops when no group up to the cap raises the loss.
+        prefilter: rank only the top ``prefilter`` weights of each layer by ``|dL/dq| = |g s|``
+            (the gradient with respect to the int8 code; ``|g|`` under one scale per tensor, the
+            published search's top-k weights), which cuts the ranking cost of large layers from
+            8 values per weight to ``8 * prefilter``; ``None`` (default): rank every weight.
 
-    Each round costs one gradient pass plus ``layers * candidates`` loss passes on the
-    objective's data.
+    Each round costs one gradient pass plus ``layers * candidates`` loss passes, and a round that
+    escalates one more loss pass per layer for each group size tried.
     """
 
     def __init__(self, quantization: Int8Quantization, max_flips: int, candidates: int = 1,
                  metric: Optional[Callable[[nn.Module], float]] = None, target: Optional[float] = None,
-                 bits: Bits = None) -> None:
+                 bits: Bits = None, max_group: Optional[int] = None, prefilter: Optional[int] = None) -> None:
         if quantization is None:
             raise ValueError("ProgressiveBitSearch needs quantization= (the int8 codes from quantize_())")
         if target is not None and metric is None:
@@ -238,52 +263,126 @@ class ProgressiveBitSearch:
         self.quantization, self.bits = quantization, bits
         self.max_flips = check_count("max_flips", max_flips)
         self.candidates = check_count("candidates", candidates)
+        self.max_group = None if max_group is None else check_count("max_group", max_group)
+        self.prefilter = None if prefilter is None else check_count("prefilter", prefilter)
         self.metric, self.target = metric, target
 
-    def _ranked(self, target: _Target, i: int, grad: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
-        """The best candidates of tensor i by first-order gain: (flat index, bit) pairs."""
+    def _gains(self, target: _Target, i: int, grad: Tensor, codes: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """First-order loss gains ``g (q' - q) s`` of tensor i: one row per allowed bit, one column
+        per candidate weight, with the columns' flat indices (None: every weight, in order)."""
         bits = torch.tensor(target.bits, device=codes.device)
         scale = target.q.scales[i].reshape(-1, 1).float()  # (groups, 1): one row per scale
-        flat = codes.reshape(len(scale), -1)
-        change = target.flipped_all(flat, bits).float() - flat.float()  # (bits, groups, per group)
-        gain = (change * (grad.reshape(flat.shape).float() * scale)).reshape(len(bits), -1)
-        best, which = gain.max(0)
-        index = best.topk(min(self.candidates, best.numel())).indices
-        return index, bits[which[index]]
+        slope = (grad.reshape(len(scale), -1).float() * scale).reshape(-1)  # dL/dq of each code
+        flat, index = codes.reshape(-1), None
+        if self.prefilter is not None and self.prefilter < flat.numel():
+            index = slope.abs().topk(self.prefilter).indices.sort().values
+            flat, slope = flat[index], slope[index]
+        change = target.flipped_all(flat, bits).float() - flat.float()  # (bits, weights)
+        return change * slope, index
+
+    def _singles(self, target: _Target, i: int, grad: Tensor, codes: Tensor) -> list[Group]:
+        """Tensor i's top ``candidates`` single flips: the best bit of each top-ranked weight."""
+        gain, index = self._gains(target, i, grad, codes)
+        best, rows = gain.max(0)
+        cols = best.topk(min(self.candidates, best.numel())).indices
+        return [[pair] for pair in self._pairs(target, index, rows[cols], cols)]
+
+    def _top_flips(self, target: _Target, i: int, grad: Tensor, codes: Tensor, n: int) -> Group:
+        """Tensor i's ``n`` top-ranked (weight, bit) flips over all pairs, best first (several bits
+        of one weight may be among them; fewer where the tensor has fewer)."""
+        gain, index = self._gains(target, i, grad, codes)
+        order = gain.reshape(-1).topk(min(n, gain.numel())).indices
+        return self._pairs(target, index, order // gain.shape[1], order % gain.shape[1])
+
+    @staticmethod
+    def _pairs(target: _Target, index: Optional[Tensor], rows: Tensor, cols: Tensor) -> Group:
+        """(flat element index, bit) of gain-matrix entries (bit rows, candidate-weight columns)."""
+        elements = cols if index is None else index[cols]
+        return list(zip(elements.tolist(), [target.bits[r] for r in rows.tolist()]))
+
+    @staticmethod
+    def _codes_after(target: _Target, codes: Tensor, group: Group) -> dict[int, Tensor]:
+        """The new codes of the weights ``group`` touches (bits of one weight combine)."""
+        flat, new = codes.view(-1), {}
+        for j, b in group:
+            new[j] = target.toggle(new.get(j, flat[j]), b)
+        return new
+
+    def _loss_with(self, pr: Probe, target: _Target, i: int, codes: Tensor, group: Group) -> float:
+        """The loss with ``group`` flipped in tensor i; the tensor is put back after (and by the
+        probe, should the loss raise)."""
+        p, saved = target.params[i], []
+        for j, code in self._codes_after(target, codes, group).items():
+            at = torch.unravel_index(torch.tensor(j), p.shape)  # row-major index, any layout
+            saved.append((at, p[at].clone()))
+            p[at] = (code.float() * target.q.scale_at(i, j)).to(p.dtype)
+        loss = overflow_to_inf(pr.loss())
+        for at, old in saved:
+            p[at] = old
+        return loss
+
+    def _round(self, pr: Probe, target: _Target, grads: list[Tensor], codes: list[Tensor], current: float,
+               cap: int) -> tuple[Optional[tuple[float, int, Group]], int]:
+        """One round: in-layer search (each layer's candidates flipped alone), cross-layer search
+        (the best layer), escalating the group size while no candidate raises the loss above
+        ``current``. Returns (loss, tensor, group) of the kept candidate, or None when stuck, and
+        the loss passes spent."""
+        passes = 0
+        ranked: list[Group] = []
+        for k in range(1, cap + 1):
+            if k == 2:  # each layer's top-cap flips, computed once; the group of k is their first k
+                ranked = [self._top_flips(target, i, grads[i], codes[i], cap) for i in range(len(codes))]
+            best: Optional[tuple[float, int, Group]] = None
+            for i in range(len(codes)):
+                groups = self._singles(target, i, grads[i], codes[i]) if k == 1 else [ranked[i][:k]]
+                for group in groups:
+                    if len(group) < k:
+                        continue
+                    loss = self._loss_with(pr, target, i, codes[i], group)
+                    passes += 1
+                    if best is None or loss > best[0]:
+                        best = (loss, i, group)
+            if best is not None and best[0] > current:
+                return best, passes
+        return None, passes
 
     def __call__(self, objective: Objective) -> BitFlipResult:
         target = _Target(objective, self.quantization, self.bits)
         sub = objective.restrict(target.params)
         before = _loss(objective)
         flips: list[Flip] = []
-        history, metrics, passes = [before], [], 1
+        history, metrics, rounds, passes, stopped = [before], [], [], 1, "budget"
         codes = [c.clone() for c in target.ints]
         with sub.probe() as pr, torch.no_grad():  # the probe restores the parameters on exit
             if self.metric is not None:
                 metrics.append(float(self.metric(objective.model)))
-            for _ in progress(range(self.max_flips), desc="progressive bit search", unit="flip", leave=False):
+            # a round flips at least one bit; the extra pass only checks why the search ends
+            for _ in progress(range(self.max_flips + 1), desc="progressive bit search", unit="round", leave=False):
                 if metrics and self.target is not None and metrics[-1] <= self.target:
+                    stopped = "target"
+                    break
+                if len(flips) == self.max_flips:
                     break
                 loss, grads = pr.gradient(check=False)
                 passes += 1
                 if float(loss) == math.inf:  # a flip made the loss or its gradient overflow: nothing to rank by
+                    stopped = "overflow"
                     break
-                best: Optional[tuple[float, int, Flip]] = None
-                for i, (name, p) in enumerate(zip(target.names, target.params)):
-                    for j, b in zip(*(t.tolist() for t in self._ranked(target, i, grads[i], codes[i]))):
-                        at = torch.unravel_index(torch.tensor(j), p.shape)  # row-major index, any layout
-                        old = p[at].clone()
-                        p[at] = (target.toggle(codes[i].view(-1)[j], b).float() * target.q.scale_at(i, j)).to(p.dtype)
-                        loss = overflow_to_inf(pr.loss())
-                        p[at] = old
-                        passes += 1
-                        if best is None or loss > best[0]:
-                            best = (loss, i, (name, j, b))
-                loss, i, (name, j, b) = best
-                codes[i].view(-1)[j] = target.toggle(codes[i].view(-1)[j], b)
+                left = self.max_flips - len(flips)
+                kept, spent = self._round(pr, target, grads, codes, float(loss),
+                                          left if self.max_group is None else min(self.max_group, left))
+                passes += spent
+                if kept is None:
+                    stopped = "stuck"
+                    break
+                loss, i, group = kept
+                for j, code in self._codes_after(target, codes[i], group).items():
+                    codes[i].view(-1)[j] = code
                 target.params[i].copy_(target.q.dequantize_one(i, codes[i]))
-                flips.append((name, j, b))
+                flips += [(target.names[i], j, b) for j, b in group]
+                rounds.append(len(group))
                 history.append(loss)
                 if self.metric is not None:
                     metrics.append(float(self.metric(objective.model)))
-        return target.result(objective, flips, "progressive_bit_search", before, passes, history, metrics)
+        return target.result(objective, flips, "progressive_bit_search", before, passes, history, metrics,
+                             rounds, stopped)

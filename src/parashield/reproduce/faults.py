@@ -6,7 +6,9 @@ that turn a weight into a huge number). Cached per run in ``bitflips.json`` and
 
 from __future__ import annotations
 
+import bisect
 import copy
+import itertools
 import time
 from pathlib import Path
 
@@ -22,11 +24,19 @@ from .runner import Run, Spec, _metric
 from .tasks import Task
 
 
+def per_flip(history: list[float], flips_per_round: list[int]) -> list[float]:
+    """A search's per-round history as one value per flip count 0, 1, ..., total: after n flips,
+    the value of the last round ended within n flips (a round that escalated to a group of k bits
+    counts once all k are flipped)."""
+    done = list(itertools.accumulate(flips_per_round, initial=0))  # flips after each round
+    return [history[bisect.bisect_right(done, n) - 1] for n in range(done[-1] + 1)]
+
+
 def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
     """Metric of the int8 model under ``task.bitflips["random"]`` random flips (``trials`` draws
-    each) and after each flip of the progressive search, which stops at ``search_flips`` or when
-    the metric falls to half its clean int8 value. The given model is not changed (a copy is
-    quantized)."""
+    each) and along the progressive search, which stops at ``search_flips`` or when the metric
+    falls to half its clean int8 value (histories per flip, see :func:`per_flip`). The given model
+    is not changed (a copy is quantized)."""
     cfg = task.bitflips
     if not cfg or not task.higher_is_better:
         raise ValueError(f"task {task.name!r} has no bit-flip settings for a higher-is-better metric "
@@ -49,12 +59,13 @@ def flip_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
                 values.append(metric(model))
         out["random"].append({"flips": n, "metrics": values})
     t0 = time.perf_counter()
-    search = ProgressiveBitSearch(q, cfg["search_flips"], candidates=cfg["candidates"], metric=metric,
-                                  target=clean / 2)(attack)
-    halved = next((i for i, v in enumerate(search.metric_history) if v <= clean / 2), None)
-    out["search"] = {"metric_history": search.metric_history, "loss_history": search.history,
-                     "flips": [list(f) for f in search.flips], "flips_to_halve": halved,
-                     "seconds": time.perf_counter() - t0}
+    search = ProgressiveBitSearch(q, cfg["search_flips"], candidates=cfg["candidates"], max_group=cfg["max_group"],
+                                  metric=metric, target=clean / 2)(attack)
+    metrics = per_flip(search.metric_history, search.flips_per_round)
+    halved = next((n for n, v in enumerate(metrics) if v <= clean / 2), None)
+    out["search"] = {"metric_history": metrics, "loss_history": per_flip(search.history, search.flips_per_round),
+                     "flips": [list(f) for f in search.flips], "flips_per_round": search.flips_per_round,
+                     "stopped": search.stopped, "flips_to_halve": halved, "seconds": time.perf_counter() - t0}
     return out
 
 

@@ -102,8 +102,10 @@ class Task:
 
 
 #: int8 flip experiments: random flip counts (``trials`` draws each), the progressive search's
-#: flip budget, candidates per layer and attack batches it uses.
-BITFLIPS = {"random": (1, 10, 100, 1000), "trials": 3, "search_flips": 40, "candidates": 1, "search_batches": 1}
+#: flip budget, candidates per layer, escalation cap (None: the published search, up to the budget)
+#: and attack batches it uses.
+BITFLIPS = {"random": (1, 10, 100, 1000), "trials": 3, "search_flips": 40, "candidates": 1, "max_group": None,
+            "search_batches": 1}
 
 
 def _head(batch: Batch, n: int) -> Batch:
