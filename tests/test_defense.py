@@ -261,6 +261,64 @@ def test_one_gradient_presets_hold_one_parameter_sized_buffer(preset, bookkeepin
     assert sum(f.numel() for f in held) == sum(p.numel() for p in model.parameters())
 
 
+RELEASING = {
+    "apd_layer": lambda p, **kw: ps.APD(p, torch.optim.SGD, budget=ps.Budget("l2", 0.1, scale="layer"), steps=3,
+                                        lr=0.1, momentum=0.9, **kw),
+    "asam": lambda p, **kw: ps.SAM(p, torch.optim.SGD, rho=0.1, adaptive=True, lr=0.1, **kw),
+    "interval_sam": lambda p, **kw: ps.IntervalSAM(p, torch.optim.SGD, rho=0.1, interval=2, lr=0.1, **kw),
+}
+
+
+@pytest.mark.parametrize("make", list(RELEASING))
+def test_released_buffers_give_the_same_training_bit_for_bit(make, bookkeeping):
+    """release_buffers frees the copy of w between steps and gives it back for the next one: the
+    same updates to the last bit, and between steps nothing of it (nor of its cached scales) held."""
+    runs = {}
+    for release in (False, True):
+        model = mlp(0)
+        opt = RELEASING[make](model.parameters(), release_buffers=release)
+        for i in range(4):
+            opt.step(closure_for(opt, model, *batch(i)))
+            ws = opt._workspace
+            held = sum(f.untyped_storage().nbytes() for f in ws.clean.flats)
+            assert (held == 0) == release and not (release and ws.geometry._scale)
+        runs[release] = clone_params(model)
+    assert all(torch.equal(a, b) for a, b in zip(runs[False], runs[True]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[True], clone_params(mlp(0))))
+
+
+def test_released_buffers_by_default_on_accelerators_only():
+    """On the CPU the copy of w is kept by default (a fresh allocation is page-faulted in again)."""
+    model = mlp(0)
+    opt = ps.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt.step(closure_for(opt, model, *batch(0)))
+    assert opt.release_buffers is None and opt._workspace.release is False
+    assert all(f.untyped_storage().nbytes() > 0 for f in opt._workspace.clean.flats)
+    with pytest.raises(TypeError, match="release_buffers"):
+        ps.APD(model.parameters(), torch.optim.SGD, lr=0.1, release_buffers="yes")
+
+
+def test_released_buffers_after_an_exception_restore_w_and_free(bookkeeping):
+    model = mlp(0)
+    opt = ps.APD(model.parameters(), torch.optim.SGD, steps=3, lr=0.1, release_buffers=True)
+    opt.step(closure_for(opt, model, *batch(0)))
+    before = clone_params(model)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return closure_for(opt, model, *batch(1))()
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, clone_params(model)))
+    assert sum(f.untyped_storage().nbytes() for f in opt._workspace.clean.flats) == 0
+    opt.step(closure_for(opt, model, *batch(2)))  # the next step gets the memory back
+    assert not all(torch.equal(a, b) for a, b in zip(before, clone_params(model)))
+
+
 def test_sam_differs_from_plain_base_step():
     """The reference comparison above must be able to fail: SAM's update differs from the base
     optimizer's step at w by far more than the tolerance."""

@@ -340,6 +340,7 @@ ENTRIES = [
     Entry("APD.model", "model", apd(model=None), valid=(None,)),
     Entry("APD.corrupt", "param_list", apd(corrupt=None), valid=(None,)),
     Entry("APD.seed", "seed", apd(seed=None)),
+    Entry("APD.release_buffers", "bool", apd(release_buffers=None), valid=(None,)),
     Entry("APD.lr", "non_negative", apd(lr=None)),
     Entry("APD.step(closure)", "callable", apd_step, owns_grads=True),
     Entry("APD.step(closure -> non-scalar)", "fixed", lambda env, bad: apd_step(env, non_scalar_closure(env)),

@@ -7,7 +7,8 @@ the gradient at w + a_t; the base optimizer then steps from the clean w with the
 g_0..g_K (``include_clean=True``) or g_1..g_K. Exactly K+1 forward/backward passes.
 
 Bookkeeping uses two parameter-sized buffers: ``w`` (so that the clean parameters come back bit for
-bit) and the gradient sum (flat, so that DDP needs one all-reduce). Each pass's gradients stay
+bit; held only during the passes on accelerators, see ``release_buffers``) and the gradient sum
+(flat, so that DDP needs one all-reduce). Each pass's gradients stay
 where autograd put them and are the scratch memory of the corruption: after pass t they are added
 to the sum and turned in place into ``a_{t+1} = project((w + a_t) + step - w)`` (so a_t is
 recovered up to one rounding of w), and the parameters are set to ``w + a_{t+1}``. Every step of
@@ -75,8 +76,10 @@ class _Workspace:
 
     small_tensors = 1 << 16  # mean entries per tensor below which the CPU gathers
 
-    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool, summing: bool) -> None:
+    def __init__(self, params: Tensors, corrupt_ids: Optional[set], layerwise: bool, summing: bool,
+                 release: bool) -> None:
         self.params = params
+        self.release = release
         self.key = _workspace_key(params)
         self.corrupt_index = [i for i, p in enumerate(params) if corrupt_ids is None or id(p) in corrupt_ids]
         self.corrupted = [params[i] for i in self.corrupt_index]
@@ -92,6 +95,23 @@ class _Workspace:
         self.geometry = Geometry(self.budget_clean)  # refreshed at each step's w
         self.batchnorms: Optional[list[nn.Module]] = None  # found by the first clean pass
         self.roots: list[nn.Module] = []  # the models whose forward the clean pass ran (their buffers)
+
+    def hold_clean(self) -> None:
+        """Give ``clean`` its memory back if :meth:`free_clean` released it (its views, and the
+        geometry's, stay valid: they share the storage)."""
+        for flat in self.clean.flats:
+            storage = flat.untyped_storage()
+            if storage.nbytes() == 0:
+                storage.resize_(flat.numel() * flat.element_size())
+
+    def free_clean(self) -> None:
+        """After a step, when ``release`` is set: the memory of ``clean`` and of the scales cached
+        from it goes back to the allocator until the next step (the peak of the base optimizer's
+        step then has no copy of w beside it)."""
+        if self.release:
+            self.geometry.refresh()
+            for flat in self.clean.flats:
+                flat.untyped_storage().resize_(0)
 
     def take_grads(self) -> tuple[Tensors, list[bool]]:
         """The gradients of the pass just run, owned by the defense from here on: every ``.grad``
@@ -325,6 +345,12 @@ class APD(torch.optim.Optimizer):
             random sample on the budget's boundary; random weight perturbation).
         corrupt: which parameters are corrupted: ``None`` for all the optimizer holds, or an
             iterable of parameters (the others still receive the averaged gradient).
+        release_buffers: free the copy of w between steps (it is needed only during the passes), so
+            that the base optimizer's step has no extra parameter-sized buffer beside it: peak
+            memory above the base optimizer falls from 1.09 to 0.12 parameter copies for SAM
+            (AdamW, 8.5M-parameter MLP, CPU). ``None`` (default): on accelerators, whose caching
+            allocator makes the next step's allocation free; not on the CPU, where a large fresh
+            allocation is page-faulted in again (SAM's step 7% slower on that MLP).
         distributed: for DistributedDataParallel ``model``: ``"local"`` (default) runs every pass
             under ``model.no_sync()`` so each worker corrupts with its local gradient, then
             all-reduces the averaged gradient once per step (communication equals plain SGD);
@@ -351,6 +377,7 @@ class APD(torch.optim.Optimizer):
         distributed: str = "local",
         model: Optional[nn.Module] = None,
         seed: int = 0,
+        release_buffers: Optional[bool] = None,
         **base_kwargs: Any,
     ) -> None:
         if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
@@ -366,6 +393,8 @@ class APD(torch.optim.Optimizer):
             raise ValueError(f"distributed must be 'local' or 'sync', got {distributed!r}")
         if not isinstance(include_clean, bool):
             raise TypeError(f"include_clean must be a bool, got {include_clean!r}")
+        if release_buffers is not None and not isinstance(release_buffers, bool):
+            raise TypeError(f"release_buffers must be None (automatic) or a bool, got {release_buffers!r}")
         check_seed(seed)
         _check_base_kwargs(base_kwargs)
         if model is not None and not isinstance(model, nn.Module):
@@ -390,6 +419,7 @@ class APD(torch.optim.Optimizer):
         self.corruption = corruption
         self.distributed = distributed
         self.model = model
+        self.release_buffers = release_buffers
         self._corrupt_ids = None if corrupt is None else _corrupt_ids(corrupt, self.param_groups)
         self._generator = torch.Generator().manual_seed(seed)
         self._workspace: Optional[_Workspace] = None
@@ -408,7 +438,10 @@ class APD(torch.optim.Optimizer):
         if ws is None or ws.key != _workspace_key(params):
             check_not_sharded(params, type(self).__name__)
             summing = self.steps + (1 if self.include_clean else 0) > 1 or self._ddp_local()
-            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", summing)
+            release = self.release_buffers
+            if release is None:
+                release = any(p.device.type != "cpu" for p in params)
+            ws = self._workspace = _Workspace(params, self._corrupt_ids, self.budget.scale == "layer", summing, release)
         return ws
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -507,6 +540,7 @@ class APD(torch.optim.Optimizer):
                         reached = seen
                         if not any(reached):
                             raise ValueError("the clean pass produced no gradient: did the closure call backward()?")
+                        ws.hold_clean()
                         torch._foreach_copy_(ws.clean.views, ws.corrupted)
                         ws.geometry.refresh()  # scales of this step's w, computed once
                         started = True
@@ -527,6 +561,7 @@ class APD(torch.optim.Optimizer):
             with torch.no_grad():
                 torch._foreach_copy_(ws.corrupted, ws.clean.views)
                 restored = True
+                ws.free_clean()
                 if single is None:
                     if self._ddp_local():
                         import torch.distributed as dist
@@ -563,6 +598,7 @@ class APD(torch.optim.Optimizer):
             if started and not restored:
                 with torch.no_grad():
                     torch._foreach_copy_(ws.corrupted, ws.clean.views)
+                ws.free_clean()
             if not self._progress.left:  # abandoned before the average: what .grad holds is one pass's leftover
                 for p in params:
                     p.grad = None

@@ -164,6 +164,7 @@ class IntervalSAM(SAM):
         self._ready = False
         self.zero_grad()
         with torch.no_grad():
+            ws.hold_clean()
             torch._foreach_copy_(ws.clean.views, ws.corrupted)
             torch._foreach_add_(ws.corrupted, self._perturbation)
         self._in_trajectory = True
@@ -173,6 +174,7 @@ class IntervalSAM(SAM):
             self._in_trajectory = False
             with torch.no_grad():
                 torch._foreach_copy_(ws.corrupted, ws.clean.views)
+            ws.free_clean()
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             raise ValueError("the pass produced no gradient: did the closure call backward()?")
