@@ -340,7 +340,7 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     assert bool(res.get("bitflips")) == bool(task.bitflips)
     for r in res.get("bitflips") or []:  # float32 exponent flips beside the int8 ones
         assert [row["flips"] for row in r["float32_exponent"]["random"]] == [1, 3, 10]
-    assert bool(res.get("hessian_density")) == task.curvature
+    assert bool(res.get("hessian_density")) == task.spectrum
     for d in res.get("hessian_density", {}).values():  # a density on its grid, integrating to about 1
         step = d["grid"][1] - d["grid"][0]
         assert sum(d["density"]) * step == pytest.approx(1.0, abs=0.05) and d["bottom"] <= d["top"]

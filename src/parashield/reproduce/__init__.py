@@ -13,7 +13,7 @@ from .tasks import TASKS, Task
 def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
     """The protocol (:func:`run`) with the attack ensemble beside its projected-ascent attacks,
     then the bit-flip experiments (tasks that define them), the budget ablation and (tasks with
-    ``curvature``) the Hessian spectra of its final models; everything cached under ``out``."""
+    ``spectrum``) the Hessian spectra of its final models; everything cached under ``out``."""
     from .ablation import run_budget_ablation
     from .ensemble import merge, run_ensemble
     from .faults import run_bitflips
@@ -24,7 +24,7 @@ def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Pa
         result["bitflips"] = run_bitflips(task, result, out)
         result["bitflip_config"] = task.bitflips
     result["budget_ablation"] = run_budget_ablation(task, result, out)
-    if task.curvature:
+    if task.spectrum:
         from .spectrum import run_density
 
         result["hessian_density"] = run_density(task, result, out)

@@ -1,6 +1,6 @@
 """Hessian spectra of the reproduction's models: the stochastic-Lanczos density of the loss's
 Hessian on the attack data for the seed-0 model of plain training, SAM and the headline APD
-(tasks with ``curvature``). Flatter minima have their mass nearer 0 and a smaller top
+(tasks whose ``spectrum`` is set: digits, fashion). Flatter minima have their mass nearer 0 and a smaller top
 eigenvalue. Cached per run in ``density.json``."""
 
 from __future__ import annotations

@@ -61,6 +61,8 @@ class Task:
     ensemble_restarts: int = 4
     random_trials: int = 5
     curvature: bool = True  #: second-order indicator (Hessian-vector products)
+    #: Hessian density of the seed-0 plain, SAM and headline APD models (None: as ``curvature``)
+    density: Optional[bool] = None
     curvature_iters: int = 20
     #: test batches of the corrupted evaluations (None: all of ``test_data``)
     corrupted_test: Optional[int] = None
@@ -92,6 +94,11 @@ class Task:
             bitflips=self.bitflips and {**self.bitflips, "random": (1,), "trials": 1, "search_flips": 2},
         )
         return replace(tiny, **self.tiny(examples)) if self.tiny is not None else tiny
+
+    @property
+    def spectrum(self) -> bool:
+        """Whether the Hessian densities are computed (their settings key their own cache)."""
+        return self.curvature if self.density is None else self.density
 
     def config(self) -> dict:
         """Everything that changes a run's results, for cache keys and the report."""
@@ -195,6 +202,7 @@ def fashion(quick: bool = False) -> Task:
         # several hours there; a GPU runs the wider grids)
         epochs=8, lr_grid=(0.05,), eps_grid=(0.01, 0.02), k_grid=(2,),
         eval_eps=(0.005, 0.01, 0.02, 0.05), sweep_eps=(1e-4, 1e-3, 1e-2), corrupted_test=5, curvature=False,
+        density=True,
         random_trials=3, seeds=5, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
         info={"train": len(data.y_train), "valid": len(data.y_valid), "test": len(data.y_test),
               "model": "SmallCNN widths (16, 32)"},
