@@ -351,6 +351,10 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in (*findings.ATTACKS, "ensemble")
     assert all("ensemble" in g for r in res["runs"] for g in r["eval"]["grid"])
     assert (tmp_path / f"{name}_drop_vs_eps.png").is_file()
+    if task.equal_compute:  # one-step and the headline K, trained with the same gradient passes
+        runs = res["equal_compute"]
+        assert {r["k"] for r in runs} == {1, task.k_grid[0]} and len({r["compute"] for r in runs}) == 1
+        assert "APD's K at equal compute" in text and data["tasks"][name]["equal_compute_comparisons"][0]["a"] == task.k_grid[0]
     comp = data["tasks"][name]["budget_comparisons"][0]  # every ablation point compared or listed as at chance
     points = [f"{r['budget']} eps {r['eps']}" for r in comp["rows"]] + comp["excluded"]
     ablation = [f"{r['budget']} eps {r['eps']}" for r in res["budget_ablation"][0]["rows"]]
@@ -374,3 +378,19 @@ def test_budget_ablation_excludes_points_at_chance():
     (c,) = findings.budget_comparisons(tr)
     assert [r["eps"] for r in c["rows"]] == [0.05] and c["excluded"] == ["linf layer eps 0.2"]
     assert c["rows"][0]["drop"]["call"] == "better"
+
+
+@pytest.mark.parametrize("gain, call", [(0.05, "better"), (-0.05, "worse"), (0.0, "tie")])
+def test_equal_compute_comparisons_decide_both_ways_and_exclude_chance(gain, call):
+    def run(k, s, clean, attacked):
+        return {"k": k, "seed": s, "clean": clean, "clean_subset_metric": clean,
+                "ensemble": [{"eps": 0.05, "metric": attacked}, {"eps": 0.2, "metric": 0.105}]}
+
+    noise = [0.01, -0.01, 0.02, -0.02, 0.0]
+    rows = [run(1, s, 0.95, 0.7 + noise[s]) for s in range(5)]
+    rows += [run(3, s, 0.95 + gain / 5, 0.7 + gain + noise[s] / 2) for s in range(5)]
+    tr = {"equal_compute": rows, "higher_is_better": True, "chance": 0.1, "point": 0.01}
+    (c,) = findings.equal_compute_comparisons(tr)
+    assert (c["a"], c["b"], c["seeds"], c["excluded"]) == (3, 1, 5, [0.2])
+    assert [r["eps"] for r in c["rows"]] == [0.05] and c["rows"][0]["drop"]["call"] == call
+    assert c["clean"]["call"] == call

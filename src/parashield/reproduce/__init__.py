@@ -24,6 +24,10 @@ def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Pa
         result["bitflips"] = run_bitflips(task, result, out)
         result["bitflip_config"] = task.bitflips
     result["budget_ablation"] = run_budget_ablation(task, result, out)
+    if task.equal_compute:
+        from .equal_compute import run_equal_compute
+
+        result["equal_compute"] = run_equal_compute(task, result, out)
     if task.spectrum:
         from .spectrum import run_density
 

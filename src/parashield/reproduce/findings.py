@@ -303,3 +303,40 @@ def budget_comparisons(tr: dict) -> list[dict]:
         out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows,
                     "excluded": [f"{first[i]['budget']} eps {first[i]['eps']}" for i in excluded]})
     return out
+
+
+def equal_compute_comparisons(tr: dict) -> list[dict]:
+    """Each K at equal compute against the smallest K (one-step training), paired over seeds: the
+    clean metric (positive: the larger K is better) and the drop under the attack ensemble at
+    every eval eps (smaller K's drop - larger K's); eps where every K's mean sits at chance are
+    excluded and listed."""
+    by: dict = {}
+    for r in tr.get("equal_compute") or []:
+        by.setdefault(r["k"], {})[r["seed"]] = r
+    if len(by) < 2:
+        return []
+    sign, base = _sign(tr), min(by)
+    first = next(iter(by[base].values()))["ensemble"]
+
+    def at_chance(i: int) -> bool:
+        means = [_mean([r["ensemble"][i]["metric"] for r in runs.values()]) for runs in by.values()]
+        return all(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"]
+                   for v in means)
+
+    excluded = [i for i in range(len(first)) if at_chance(i)]
+    out = []
+    for k in sorted(by):
+        if k == base:
+            continue
+        seeds = sorted(set(by[k]) & set(by[base]))
+        a, b = [by[k][s] for s in seeds], [by[base][s] for s in seeds]
+
+        def d(r: dict, i: int) -> float:
+            return sign * (r["clean_subset_metric"] - r["ensemble"][i]["metric"])
+
+        rows = [{"eps": first[i]["eps"], "drop": paired([d(r, i) for r in b], [d(r, i) for r in a]).as_dict()}
+                for i in range(len(first)) if i not in excluded]
+        out.append({"a": k, "b": base, "seeds": len(seeds),
+                    "clean": paired([sign * r["clean"] for r in a], [sign * r["clean"] for r in b]).as_dict(),
+                    "rows": rows, "excluded": [first[i]["eps"] for i in excluded]})
+    return out

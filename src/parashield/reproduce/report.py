@@ -13,7 +13,7 @@ import torch
 
 from .. import __version__
 from .cache import write_json
-from .findings import bitflip_comparisons, budget_comparisons, decide, evals
+from .findings import bitflip_comparisons, budget_comparisons, decide, equal_compute_comparisons, evals
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -124,6 +124,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
             lines.append(f"| {_label(c['a'])} | {_pair(c['clean'])} | {c['robust']} | "
                          + "; ".join(f"{r['eps']}: {_fmt(r['drop']['mean'])} ({r['drop']['call']})" for r in c["rows"]) + " |")
         lines.append("")
+    if tr.get("equal_compute_comparisons"):
+        lines += _equal_compute_markdown(tr)
     lines += _layers_markdown(tr)
     if tr.get("budget_comparisons"):
         lines += _budget_markdown(tr)
@@ -179,6 +181,32 @@ def _layers_markdown(tr: dict) -> list[str]:
     for i, row in enumerate(first["layers"]):
         lines.append(f"| {row['name']} | {row['numel']} | "
                      + " | ".join(_ms([e["layers"][i]["metric"] for e in evals(tr, m)]) for m in methods) + " |")
+    return lines + [""]
+
+
+def _equal_compute_markdown(tr: dict) -> list[str]:
+    metric = tr["config"]["metric_name"]
+    by: dict = {}
+    for r in tr["equal_compute"]:
+        by.setdefault(r["k"], []).append(r)
+    eps = [e["eps"] for e in tr["equal_compute"][0]["ensemble"]]
+    lines = ["#### APD's K at equal compute", "",
+             f"Every K trained with the gradient passes of the largest K at {tr['config']['epochs']} epochs "
+             "(fewer passes per step, more epochs; K = 1 is one-step training), each at its eps chosen on validation; "
+             f"test {metric} clean and under the attack ensemble.", "",
+             f"| K | epochs | eps | clean | " + " | ".join(f"eps {e}" for e in eps) + " |",
+             "|---|---|---|---|" + "---|" * len(eps)]
+    for k, rs in sorted(by.items()):
+        lines.append(f"| {k} | {rs[0]['epochs']} | {rs[0]['spec']['eps']} | {_ms([r['clean'] for r in rs])} | "
+                     + " | ".join(_ms([r["ensemble"][i]["metric"] for r in rs]) for i in range(len(eps))) + " |")
+    comps = tr["equal_compute_comparisons"]
+    lines += ["", f"Each K against K = {comps[0]['b']}, paired over seeds (positive favours the larger K):", "",
+              "| K | clean | " + " | ".join(f"drop at eps {r['eps']}" for r in comps[0]["rows"]) + " |",
+              "|---|---|" + "---|" * len(comps[0]["rows"])]
+    for c in comps:
+        lines.append(f"| {c['a']} | {_pair(c['clean'])} | " + " | ".join(_pair(r["drop"]) for r in c["rows"]) + " |")
+    if comps[0]["excluded"]:
+        lines += ["", f"Excluded (every K at chance): eps {', '.join(map(str, comps[0]['excluded']))}."]
     return lines + [""]
 
 
@@ -360,6 +388,8 @@ def write_report(results: dict, out: Path) -> Path:
             tr["bitflip_comparisons"] = bitflip_comparisons(tr)
         if tr.get("budget_ablation"):
             tr["budget_comparisons"] = budget_comparisons(tr)
+        if tr.get("equal_compute"):
+            tr["equal_compute_comparisons"] = equal_compute_comparisons(tr)
         images = _plots(name, tr, out)
         plotted &= images
         body += task_markdown(name, tr, images)

@@ -49,7 +49,8 @@ class Spec:
     eps: Optional[float] = None  #: layer-relative L2 radius (rho for "sam", absolute)
     steps: int = 0  #: APD's K
     include_clean: bool = True
-    epochs_factor: int = 1  #: compute-matched plain training runs this many times the epochs
+    #: compute-matched runs train this many times the epochs (rounded to whole epochs)
+    epochs_factor: float = 1
 
     @property
     def passes(self) -> int:
@@ -58,7 +59,7 @@ class Spec:
         return {"plain": 1, "one_step": 2, "sam": 2, "sam_layer": 2}.get(self.method, self.steps + 1)
 
     @property
-    def compute(self) -> int:
+    def compute(self) -> float:
         """Gradient passes of the whole training run, in units of plain training's."""
         return self.passes * self.epochs_factor
 
@@ -70,7 +71,7 @@ class Spec:
         if self.method == "apd":
             parts.append(f"K{self.steps}" + ("" if self.include_clean else "-noclean"))
         if self.epochs_factor != 1:
-            parts.append(f"x{self.epochs_factor}")
+            parts.append(f"x{self.epochs_factor:g}")
         return "_".join(parts)
 
 
@@ -142,7 +143,7 @@ class Run:
         task, spec = self.task, self.spec
         torch.manual_seed(self.seed)
         model = task.build_model()
-        epochs = task.epochs * spec.epochs_factor
+        epochs = round(task.epochs * spec.epochs_factor)
         opt = build_optimizer(spec, model, task)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
         ckpt = self.folder / "train.pt"
