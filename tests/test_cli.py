@@ -685,3 +685,17 @@ def test_evaluate_prints_the_worst_case_per_eps_and_writes_json(digits_checkpoin
     for printed_row, row in zip(table[1:], rows):
         assert float(printed_row[1]) == pytest.approx(row["loss_after"], rel=1e-5)
         assert float(printed_row[3]) == pytest.approx(row["metric_after"], rel=1e-5, abs=1e-6)
+
+
+def test_reproduce_report_keeps_tasks_run_earlier_into_the_same_folder(tmp_path, monkeypatch):
+    """Tasks run one at a time (each with its own seeds and methods) add up to one report; a task
+    run again replaces its entry; an unreadable results.json keeps nothing."""
+    from parashield import cli
+
+    (tmp_path / "results.json").write_text(json.dumps({"tasks": {"bbc": {"runs": [], "x": 1}, "digits": {"runs": []}}}))
+    assert set(cli._kept_tasks(tmp_path / "results.json", ["digits"])) == {"bbc"}
+    (tmp_path / "results.json").write_text(json.dumps({"quick": True, "tasks": {"bbc": {"runs": []}}}))
+    assert cli._kept_tasks(tmp_path / "results.json", ["digits"]) == {}
+    (tmp_path / "results.json").write_text("{truncated")
+    assert cli._kept_tasks(tmp_path / "results.json", ["digits"]) == {}
+    assert cli._kept_tasks(tmp_path / "missing.json", ["digits"]) == {}

@@ -63,18 +63,36 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         names = ["digits"]
     chosen = args.methods or (QUICK_METHODS if args.quick else None)
     out = Path(args.out)
-    results = {"tasks": {}, "command": " ".join(sys.argv), "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
+    command = " ".join(["parashield", *sys.argv[1:]])
+    kept = {} if args.quick else _kept_tasks(out / "results.json", names)
+    if kept:
+        print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
+    results = {"tasks": dict(kept), "command": command, "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
         task = load_task(name, quick=args.quick)
         t0 = time.perf_counter()
         seeds = task.seeds if args.seeds is None else args.seeds
         results["tasks"][name] = run_task(task, chosen or task.methods, seeds, out)
+        results["tasks"][name]["command"] = command
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
     report = write_report(results, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'results.json'} and plots")
     return 0
+
+
+def _kept_tasks(path: Path, names: list[str]) -> dict:
+    """The tasks of an earlier full (not --quick) ``results.json`` in the output folder that this
+    run does not redo: tasks run one at a time, each with its own seeds and methods, add up to one
+    report. An unreadable file keeps nothing."""
+    try:
+        old = json.loads(path.read_text())
+        tasks = old["tasks"] if isinstance(old, dict) and not old.get("quick") else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: v for k, v in tasks.items() if k not in names and isinstance(v, dict) and "runs" in v} \
+        if isinstance(tasks, dict) else {}
 
 
 # ------------------------------------------------------------------------------ shared pieces

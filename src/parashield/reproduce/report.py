@@ -59,7 +59,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
              f"{_fmt(tr['chance'])}). {tr['seeds']} seeds per method, paired by seed. Training: {cfg['epochs']} epochs of "
              f"{cfg['optimizer']} with a cosine schedule, keeping the epoch with the best clean validation metric. "
              f"Corruptions: layer-relative L2 (||a_l|| <= eps ||w_l|| per tensor), computed on a fixed subset of the "
-             f"training data and evaluated on test data.", ""]
+             f"training data and evaluated on test data." + (f" Methods: {', '.join(tr['methods'])}." if tr.get("methods") else "")
+             + (f" Command: `{tr['command']}`." if tr.get("command") else ""), ""]
     st = dec["meaningful"]
     lines += ["### References (classical baselines on the same splits)", "",
               f"| model | test {metric} | chosen on validation |", "|---|---|---|",
