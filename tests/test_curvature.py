@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import parashield as ps
-from parashield._krylov import eigenpairs, hutchinson, hutchpp, lanczos, quadrature
+from parashield._krylov import eigenpairs, gaussian_start, hutchinson, hutchpp, lanczos, quadrature
 
 
 
@@ -49,6 +49,43 @@ def test_top_eigenvalue_is_reliable_for_every_seed():
     for seed in range(20):
         values, _, _ = eigenpairs(lambda v: A @ v, _start(400, seed), 1, tol=1e-6, max_iters=300)
         assert abs(float(values[0]) - 10.0) <= 1e-3 * 10.0, seed
+
+
+def test_value_bound_stops_early_and_keeps_its_promise():
+    # A network-like spectrum: a cluster of outliers (the top 7% above the next) over a bulk near 0.
+    spectrum = torch.cat([torch.tensor([1.0, 0.93, 0.86, 0.82, 0.74]), torch.linspace(-0.02, 0.1, 395, dtype=torch.float64)])
+    A = _matrix(spectrum, seed=4)
+    for seed in range(10):
+        kw = dict(k=1, tol=1e-3, max_iters=200)
+        v_val, _, n_val = eigenpairs(lambda v: A @ v, _start(400, seed), bound="value", **kw)
+        v_res, _, n_res = eigenpairs(lambda v: A @ v, _start(400, seed), bound="residual", **kw)
+        assert abs(float(v_val[0]) - 1.0) <= 1e-3, seed
+        assert abs(float(v_res[0]) - 1.0) <= 1e-5, seed  # the residual bound overshoots: error ~ r^2 / gap
+        assert n_val < n_res, seed
+
+
+def test_tolerance_stops_early_on_an_easy_problem():
+    # One eigenvalue far above the rest: a few products suffice, whatever max_iters allows.
+    A = _matrix(torch.cat([torch.tensor([10.0]), torch.linspace(0, 1, 299, dtype=torch.float64)]), seed=5)
+    for bound in ("value", "residual"):
+        values, _, steps = eigenpairs(lambda v: A @ v, _start(300, 0), 1, tol=1e-6, max_iters=300, bound=bound)
+        assert float(values[0]) == pytest.approx(10.0, rel=1e-6)
+        assert steps <= 12, (bound, steps)
+
+
+def test_gaussian_starts_differ_by_seed_and_repeat_per_seed():
+    a, gen_a = gaussian_start(50, 0, torch.device("cpu"))
+    b, _ = gaussian_start(50, 1, torch.device("cpu"))
+    again, gen_again = gaussian_start(50, 0, torch.device("cpu"))
+    assert torch.equal(a, again) and not torch.allclose(a, b)
+    # the generator goes on past the start, so restart vectors are not the next seed's start
+    assert torch.equal(torch.randn(3, generator=gen_a), torch.randn(3, generator=gen_again))
+    assert not torch.equal(torch.randn(50, generator=gen_a, dtype=torch.float64), b)
+
+
+def test_eigenpairs_rejects_an_unknown_bound():
+    with pytest.raises(ValueError, match="bound must be one of"):
+        eigenpairs(lambda v: v, _start(5, 0), 1, bound="angle")
 
 
 def test_lanczos_quadrature_reproduces_the_moments():

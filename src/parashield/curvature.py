@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_count, check_objective, check_seed
-from ._krylov import WHICH, eigenpairs, hutchinson, hutchpp, lanczos, quadrature
+from ._krylov import WHICH, eigenpairs, gaussian_start, hutchinson, hutchpp, lanczos, quadrature
 from .budget import _flat
 from .indicators import _FlatHessian
 from .margin import LogitsFn, checked_logits, xy_logits
@@ -97,13 +97,6 @@ def _operator(objective: Objective, curvature: str, logits_fn: Optional[LogitsFn
             yield _FlatOutputCurvature(pr, xy_logits if logits_fn is None else logits_fn, curvature)
 
 
-def _start(objective: Objective, seed: int) -> Tensor:
-    """A Gaussian start vector from a seeded CPU generator: almost surely not orthogonal to any
-    eigenvector, and the same on every device."""
-    gen = torch.Generator().manual_seed(check_seed(seed))
-    return torch.randn(objective.numel, generator=gen, dtype=torch.float64).to(objective.device)
-
-
 def _as_params(objective: Objective, flat: Tensor) -> dict[str, Tensor]:
     parts = flat.split([p.numel() for p in objective.params])
     return {n: t.reshape(p.shape).to(p.dtype).clone() for n, t, p in zip(objective.names, parts, objective.params)}
@@ -151,9 +144,8 @@ def hessian_eigenpairs(
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
     if k > objective.numel:
         raise ValueError(f"k must be at most the number of selected parameters ({objective.numel}), got {k}")
-    start = _start(objective, seed)
+    start, gen = gaussian_start(objective.numel, check_seed(seed), objective.device)
     with _operator(objective, curvature, logits_fn) as op:
-        gen = torch.Generator().manual_seed(seed + 1)
         values, vectors, steps = eigenpairs(op, start, k, which, tol, max(max_iters, k), gen)
     return Eigenpairs(tuple(float(v) for v in values), tuple(_as_params(objective, vectors[:, i]) for i in range(k)),
                       curvature, steps)
