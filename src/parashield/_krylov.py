@@ -55,15 +55,19 @@ def lanczos(
 
     n = start.numel()
     m_max = min(iters, n)
-    # the basis and its stacked copy: two (m, n) matrices
+    # the basis and a product with it: two (m, n) matrices
     check_memory(2 * start.element_size() * m_max * n, f"{m_max} Lanczos vectors of {n} parameters (iters={iters})",
                  start.device)
-    basis, alphas, betas = [start / torch.linalg.vector_norm(start)], [], []
+    # the basis in the rows of one preallocated matrix: its first j+1 rows are a view, not a copy
+    basis = start.new_empty(m_max, n)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     for j in progress(range(m_max), desc="Lanczos", unit="hvp", leave=False):
         w = matvec(basis[j])
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)
-        Q = torch.stack(basis)
+        Q = basis[: j + 1]
         w = _orthogonalize(w, Q)
         beta = torch.linalg.vector_norm(w)
         if j == m_max - 1 or (stop is not None and stop(tridiagonal(alphas, betas), float(beta))):
@@ -77,11 +81,12 @@ def lanczos(
             if float(nw) <= 1e-8:
                 break
             betas.append(torch.zeros_like(beta))
-            basis.append(w / nw)
+            basis[j + 1] = w / nw
             continue
         betas.append(beta)
-        basis.append(w / beta)
-    return tridiagonal(alphas, betas), torch.stack(basis[: len(alphas)])
+        basis[j + 1] = w / beta
+    m = len(alphas)
+    return tridiagonal(alphas, betas), basis[:m] if m == m_max else basis[:m].clone()  # frees the unused rows
 
 
 def _pick(values: Tensor, k: int, which: str) -> Tensor:

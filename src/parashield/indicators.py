@@ -71,19 +71,20 @@ def _no_kwargs(method: str, kwargs: dict) -> None:
 # ---------------------------------------------------------------------------- flat HVP operator
 class _FlatHessian:
     """``v -> H v`` on flat float64 vectors, optionally in element-scaled coordinates
-    ``v -> s * H (s * v)``."""
+    ``v -> s * H (s * v)``, at the parameters as they are when it is made."""
 
     def __init__(self, probe: Probe, scale: Optional[Tensor] = None) -> None:
         self.probe = probe
         self.params = probe.clean
         self.sizes = [p.numel() for p in self.params]
         self.scale = scale
+        self.hvp = probe.hvp_operator()
 
     def __call__(self, v: Tensor) -> Tensor:
         x = v if self.scale is None else v * self.scale
         x = x.to(self.params[0].dtype)  # one copy; the parts are views of it
         parts = [t.view_as(p) for t, p in zip(x.split(self.sizes), self.params)]
-        hv = _flat(self.probe.hvp(parts)).double()
+        hv = _flat(self.hvp(parts)).double()
         return hv if self.scale is None else hv * self.scale
 
 
