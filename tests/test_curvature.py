@@ -179,6 +179,18 @@ def test_eigenpairs_match_the_dense_matrix(curvature):
     assert curvature in repr(res)
 
 
+def test_value_bound_on_a_network_is_the_top_eigenvalue_function():
+    model, batch = _net()
+    lam = torch.linalg.eigvalsh(_dense(model, batch, "hessian"))
+    top = float(lam[lam.abs().argmax()])
+    obj = ps.Objective(model, _ce, batch)
+    for seed in range(3):
+        fast = ps.hessian_eigenpairs(obj, which="magnitude", tol=1e-4, bound="value", seed=seed)
+        slow = ps.hessian_eigenpairs(obj, which="magnitude", tol=1e-4, seed=seed)
+        assert fast.values[0] == pytest.approx(top, rel=1e-4) and fast.matvecs <= slow.matvecs
+        assert ps.hessian_top_eigenvalue(obj, tol=1e-4, seed=seed) == fast.values[0]  # the same algorithm
+
+
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])
 def test_output_curvature_over_several_batches_is_the_example_mean(curvature):
     model, (x, y) = _net()
@@ -241,6 +253,7 @@ def test_model_is_restored_and_grads_untouched():
         (lambda o: ps.hessian_eigenpairs(o, which="top"), ValueError, "which"),
         (lambda o: ps.hessian_eigenpairs(o, k=1000), ValueError, "k must be"),
         (lambda o: ps.hessian_eigenpairs(o, tol=0), ValueError, "tol"),
+        (lambda o: ps.hessian_eigenpairs(o, bound="angle"), ValueError, "bound"),
         (lambda o: ps.hessian_eigenpairs(o, curvature="ggn", logits_fn=3), TypeError, "logits_fn"),
         (lambda o: ps.hessian_density(o, sigma=-1.0), ValueError, "sigma"),
         (lambda o: ps.hessian_trace_estimate(o, method="exact"), ValueError, "method"),
