@@ -22,8 +22,13 @@ WHICH = ("largest", "smallest", "magnitude")
 
 
 def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
-    w = w - Q.T @ (Q @ w)
-    return w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
+    """``w`` orthogonal to the rows of Q: one classical Gram-Schmidt pass, and a second one only
+    when the first removed most of w (Daniel, Gragg, Kaufman & Stewart 1976: twice is enough)."""
+    before = torch.linalg.vector_norm(w)
+    w = w.addmv(Q.T, Q @ w, alpha=-1)
+    if float(torch.linalg.vector_norm(w)) < 0.5 * float(before):
+        w.addmv_(Q.T, Q @ w, alpha=-1)  # in place: no new parameter-sized buffer per step
+    return w
 
 
 def tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
@@ -67,6 +72,10 @@ def lanczos(
         w = matvec(basis[j])
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)
+        # the three-term recurrence first, then full reorthogonalization of what rounding left
+        w = w.addcmul(basis[j], alpha, value=-1)  # w is the operator's; it may keep a reference
+        if j > 0:
+            w.addcmul_(basis[j - 1], betas[j - 1], value=-1)
         Q = basis[: j + 1]
         w = _orthogonalize(w, Q)
         beta = torch.linalg.vector_norm(w)
@@ -84,7 +93,7 @@ def lanczos(
             basis[j + 1] = w / nw
             continue
         betas.append(beta)
-        basis[j + 1] = w / beta
+        torch.div(w, beta, out=basis[j + 1])
     m = len(alphas)
     return tridiagonal(alphas, betas), basis[:m] if m == m_max else basis[:m].clone()  # frees the unused rows
 
