@@ -300,8 +300,12 @@ def bench_landscapes(model, x, y, rounds: int, line_steps: int, plane_steps: int
     ours = ps.loss_line(obj, d1, alphas)
     theirs = torch.as_tensor(ll.linear_interpolation(model, ends[0], metric, steps=line_steps, deepcopy_model=True),
                              dtype=torch.float64)
+    loop = ratio(lambda: ps.loss_line(obj, d1, alphas, vectorize=False),
+                 lambda: ll.linear_interpolation(model, ends[0], metric, steps=line_steps, deepcopy_model=True),
+                 torch.device("cpu"), rounds, warmup=1)
     rows.append({"row": f"loss line, {line_steps} points", "peer": "loss-landscapes linear_interpolation",
-                 "ratio_time": out["ratio"], "parashield_s": out["a_median_s"], "peer_s": out["b_median_s"],
+                 "ratio_time": out["ratio"], "ratio_time_vectorize_false": loop["ratio"],
+                 "parashield_s": out["a_median_s"], "peer_s": out["b_median_s"],
                  "rounds": rounds, "agreement": {"max_relative_difference": float(((ours - theirs).abs() / theirs.abs()).max())}})
 
     # the plane: the peer's column i (along d1) holds j / steps along d2 for j = 1..steps when i is
@@ -316,8 +320,12 @@ def bench_landscapes(model, x, y, rounds: int, line_steps: int, plane_steps: int
     theirs = torch.as_tensor(ll.planar_interpolation(model, ends[0], ends[1], metric, steps=plane_steps,
                                                      deepcopy_model=True), dtype=torch.float64)
     same = torch.stack([ours[i, 1:] if i % 2 == 0 else ours[i, :-1] for i in range(plane_steps)])
+    loop = ratio(lambda: ps.loss_surface(obj, d1, d2, coords, betas, vectorize=False),
+                 lambda: ll.planar_interpolation(model, ends[0], ends[1], metric, steps=plane_steps, deepcopy_model=True),
+                 torch.device("cpu"), rounds, warmup=1)
     rows.append({"row": f"loss plane, {plane_steps} x {plane_steps} points", "peer": "loss-landscapes planar_interpolation",
-                 "ratio_time": out["ratio"], "parashield_s": out["a_median_s"], "peer_s": out["b_median_s"],
+                 "ratio_time": out["ratio"], "ratio_time_vectorize_false": loop["ratio"],
+                 "parashield_s": out["a_median_s"], "peer_s": out["b_median_s"],
                  "rounds": rounds, "agreement": {"max_relative_difference": float(((same - theirs).abs() / theirs.abs()).max())}})
     return rows
 
