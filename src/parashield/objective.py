@@ -487,8 +487,10 @@ class Probe:
 
         With one batch, the gradient's graph is built once here and each product is one
         backward through it (no forward pass, no first backward: about a third cheaper), the
-        graph kept while the function lives; with several batches each product is ``hvp``
-        (one batch's graph at a time). Do not move the parameters while using it."""
+        graph kept while the function lives (in train mode all products share that forward
+        pass, so one dropout mask: a fixed symmetric operator); with several batches each
+        product is ``hvp`` (one batch's graph at a time). Do not move the parameters while
+        using it."""
         if not is_single_batch(self.objective.data):
             return self.hvp
         with torch.enable_grad(), _double_backward_attention():
