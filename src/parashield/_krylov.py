@@ -23,10 +23,11 @@ WHICH = ("largest", "smallest", "magnitude")
 
 def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
     """``w`` orthogonal to the rows of Q: one classical Gram-Schmidt pass, and a second one only
-    when the first removed most of w (Daniel, Gragg, Kaufman & Stewart 1976: twice is enough)."""
+    when the first shrank w below 1/sqrt(2) of its norm (the criterion of Daniel, Gragg, Kaufman
+    & Stewart 1976; twice is enough)."""
     before = torch.linalg.vector_norm(w)
     w = w.addmv(Q.T, Q @ w, alpha=-1)
-    if float(torch.linalg.vector_norm(w)) < 0.5 * float(before):
+    if float(torch.linalg.vector_norm(w)) < math.sqrt(0.5) * float(before):
         w.addmv_(Q.T, Q @ w, alpha=-1)  # in place: no new parameter-sized buffer per step
     return w
 
