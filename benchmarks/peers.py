@@ -10,7 +10,8 @@ products), with the agreement of the two answers next to it:
   stops on its own (``tol=1e-3``); each peer gets, per seed, the fewest products with which its
   answer is within 1e-3 (read off an instrumented run: a setting a user cannot know in advance,
   so the peers' best case); for hessian-eigenthings' Lanczos, which has no stopping rule, also
-  the one ``max_iter`` that reaches 1e-3 on every seed;
+  the one ``max_iter`` that reaches 1e-3 on every seed. Every setting is then timed per seed,
+  interleaved with the others (median of 5 rounds);
 * the Hessian trace to 1% relative standard error: Hutchinson with Rademacher probes in both,
   the number of probes from a pilot run;
 * a loss line and a loss plane against loss-landscapes' ``linear_interpolation`` and
@@ -142,38 +143,48 @@ def reference_eigenvalue(model, x, y) -> dict:
             "relative_difference": abs(value - peer) / abs(value)}
 
 
-def bench_eigenvalue(model, x, y, seeds: int, ref: float) -> tuple[list[dict], dict]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple[float, object]]:
+    """Median time of each call over ``rounds`` rounds, the order rotating every round (a load
+    change on a shared machine hits every call alike), and each call's last result."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    out: dict[str, object] = {}
+    names = list(fns)
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            t, out[k] = timed(fns[k])
+            times[k].append(t)
+    return {k: (statistics.median(times[k]), out[k]) for k in names}
+
+
+def bench_eigenvalue(model, x, y, seeds: int, ref: float, rounds: int) -> tuple[list[dict], dict]:
     import hessian_eigenthings as he
     ph = importlib.import_module("pyhessian.hessian")  # the module (the package's name 'hessian' is its class)
 
     obj = ps.Objective(model, loss_fn, (x, y))
     op = he.HessianOperator(model, [(x, y)], he.supervised_loss(F.cross_entropy))
     err = lambda v: abs(v - ref) / abs(ref)  # noqa: E731
-    runs: dict[str, list] = {"parashield": [], "eigenthings_lanczos": [], "eigenthings_power": [], "pyhessian_power": []}
     cap = 400  # products allowed to the power iterations
-    for seed in range(seeds):
-        # parashield: stops on its own
-        t, res = timed(lambda: ps.hessian_eigenpairs(obj, which="magnitude", tol=TARGET, bound="value", seed=seed))
-        # and the fewest products with which its Lanczos is within 1e-3 (same start, so a prefix)
-        fewest = next(m for m in range(1, 200) if err(ps.hessian_eigenpairs(
-            obj, which="magnitude", tol=1e-15, max_iters=m, seed=seed).values[0]) <= TARGET)
-        runs["parashield"].append({"seed": seed, "seconds": t, "products": res.matvecs, "error": err(res.values[0]),
-                                   "fewest_products": fewest})
 
-        # hessian-eigenthings' Lanczos: its tridiagonal from its own start, then the fewest steps
+    # 1. products: what parashield needs on its own, and each peer's fewest per seed
+    counts: list[dict[str, int | None]] = []
+    for seed in range(seeds):
+        c: dict[str, int | None] = {}
+        c["parashield"] = ps.hessian_eigenpairs(obj, which="magnitude", tol=TARGET, bound="value", seed=seed).matvecs
+        # parashield's own fewest (the same start, so each run is a prefix of the next)
+        c["parashield_fewest"] = next(m for m in range(1, 200) if err(ps.hessian_eigenpairs(
+            obj, which="magnitude", tol=1e-15, max_iters=m, seed=seed).values[0]) <= TARGET)
+
+        # hessian-eigenthings' Lanczos: its tridiagonal from its own start
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        v0 = torch.randn(op.size, dtype=op.dtype, generator=gen)
-        td = he.lanczos_tridiagonal(op, v0, 40)
+        td = he.lanczos_tridiagonal(op, torch.randn(op.size, dtype=op.dtype, generator=gen), 40)
         rec = Recorder()
         for m in range(1, td.iterations + 1):
             T = torch.diag(td.alphas[:m]) + torch.diag(td.betas[: m - 1], 1) + torch.diag(td.betas[: m - 1], -1)
             ev = torch.linalg.eigvalsh(T.double())
             rec.estimates.append(float(ev[ev.abs().argmax()]))
-        m = rec.first_within(ref)
-        t, r = timed(lambda: he.lanczos(op, k=1, max_iter=m, which="LM", seed=seed))
-        runs["eigenthings_lanczos"].append({"seed": seed, "seconds": t, "products": m, "error": err(float(r.eigenvalues[0]))})
+        c["eigenthings_lanczos"] = rec.first_within(ref)
 
-        # hessian-eigenthings' power iteration
+        # hessian-eigenthings' power iteration: the Rayleigh quotient of each iterate
         rec = Recorder()
 
         def recording(v, rec=rec):
@@ -182,12 +193,7 @@ def bench_eigenvalue(model, x, y, seeds: int, ref: float) -> tuple[list[dict], d
             return av
 
         he.power_iteration_one(he.LambdaOperator(recording, op.size, dtype=op.dtype), max_iter=cap, tol=0.0, seed=seed)
-        m = rec.first_within(ref)
-        if m is not None:
-            t, r = timed(lambda: he.power_iteration_one(op, max_iter=m, tol=0.0, seed=seed))
-            runs["eigenthings_power"].append({"seed": seed, "seconds": t, "products": m, "error": err(r[0])})
-        else:
-            runs["eigenthings_power"].append({"seed": seed, "seconds": None, "products": None, "error": None})
+        c["eigenthings_power"] = rec.first_within(ref)
 
         # PyHessian's power iteration (its start from the global RNG)
         rec = Recorder()
@@ -204,26 +210,52 @@ def bench_eigenvalue(model, x, y, seeds: int, ref: float) -> tuple[list[dict], d
             ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False).eigenvalues(maxIter=cap, tol=0.0)
         finally:
             ph.hessian_vector_product = plain
-        m = rec.first_within(ref)
-        if m is not None:
-            torch.manual_seed(seed)
-            t, r = timed(lambda: ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False).eigenvalues(maxIter=m, tol=0.0))
-            runs["pyhessian_power"].append({"seed": seed, "seconds": t, "products": m, "error": err(r[0][0])})
-        else:
-            runs["pyhessian_power"].append({"seed": seed, "seconds": None, "products": None, "error": None})
-        model.zero_grad(set_to_none=True)  # PyHessian leaves .grad (with a graph) on the model
+            model.zero_grad(set_to_none=True)  # PyHessian leaves .grad (with a graph) on the model
+        c["pyhessian_power"] = rec.first_within(ref)
+        counts.append(c)
+    # hessian-eigenthings' Lanczos has no stopping rule: one max_iter must serve every seed
+    fixed = max(c["eigenthings_lanczos"] for c in counts)
+
+    # 2. time: every setting per seed, interleaved
+    def pyhessian_run(seed: int, m: int) -> float:
+        torch.manual_seed(seed)
+        value = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False).eigenvalues(maxIter=m, tol=0.0)[0][0]
+        model.zero_grad(set_to_none=True)
+        return value
+
+    runs: dict[str, list[dict]] = {k: [] for k in ("parashield", "eigenthings_lanczos", "eigenthings_power",
+                                                   "pyhessian_power", "eigenthings_lanczos_fixed")}
+    for seed, c in enumerate(counts):
+        fns: dict[str, Callable[[], float]] = {
+            "parashield": lambda: ps.hessian_eigenpairs(obj, which="magnitude", tol=TARGET, bound="value",
+                                                        seed=seed).values[0],
+            "eigenthings_lanczos": lambda: float(he.lanczos(op, k=1, max_iter=c["eigenthings_lanczos"], which="LM",
+                                                            seed=seed).eigenvalues[0]),
+            "eigenthings_lanczos_fixed": lambda: float(he.lanczos(op, k=1, max_iter=fixed, which="LM",
+                                                                  seed=seed).eigenvalues[0]),
+        }
+        if c["eigenthings_power"] is not None:
+            fns["eigenthings_power"] = lambda: he.power_iteration_one(op, max_iter=c["eigenthings_power"], tol=0.0,
+                                                                      seed=seed)[0]
+        if c["pyhessian_power"] is not None:
+            fns["pyhessian_power"] = lambda: pyhessian_run(seed, c["pyhessian_power"])
+        measured = interleaved(fns, rounds)
+        for key in runs:
+            products = fixed if key == "eigenthings_lanczos_fixed" else c[key]
+            t, value = measured.get(key, (None, None))
+            runs[key].append({"seed": seed, "seconds": t, "products": products,
+                              "error": None if value is None else err(value)})
+        runs["parashield"][-1]["fewest_products"] = c["parashield_fewest"]
 
     # the peers' defaults, for the record
-    torch.manual_seed(0)
-    ph_default = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False).eigenvalues()[0][0]
-    model.zero_grad(set_to_none=True)
     defaults = {"hessian_eigenthings_lanczos_k1_error": err(float(he.lanczos(op, k=1, seed=0).eigenvalues[0])),
-                "pyhessian_eigenvalues_error": err(ph_default)}
+                "pyhessian_eigenvalues_error": err(_pyhessian_default(ph, model, x, y))}
 
     ours = runs["parashield"]
-    rows = []
     total = lambda rs, key: sum(r[key] for r in rs)  # noqa: E731
+    rows = []
     for key, label in (("eigenthings_lanczos", "hessian-eigenthings Lanczos, fewest steps per seed"),
+                       ("eigenthings_lanczos_fixed", f"hessian-eigenthings Lanczos, one max_iter ({fixed}) for all seeds"),
                        ("eigenthings_power", "hessian-eigenthings power iteration, fewest steps per seed"),
                        ("pyhessian_power", "PyHessian power iteration, fewest steps per seed")):
         theirs = runs[key]
@@ -238,20 +270,18 @@ def bench_eigenvalue(model, x, y, seeds: int, ref: float) -> tuple[list[dict], d
                      "parashield_fewest_products_per_seed": [r["fewest_products"] for r in ours],
                      "peer_products_per_seed": [r["products"] for r in theirs],
                      "parashield_s": total(ours, "seconds") / seeds, "peer_s": total(theirs, "seconds") / seeds,
+                     "rounds": rounds,
                      "agreement": {"parashield_worst_error": max(r["error"] for r in ours),
                                    "peer_worst_error": max(r["error"] for r in theirs)}})
-    # hessian-eigenthings' Lanczos has no stopping rule: one max_iter must serve every seed
-    fixed = max(r["products"] for r in runs["eigenthings_lanczos"])
-    times, errors = [], []
-    for seed in range(seeds):
-        t, r = timed(lambda: he.lanczos(op, k=1, max_iter=fixed, which="LM", seed=seed))
-        times.append(t)
-        errors.append(err(float(r.eigenvalues[0])))
-    rows.append({"row": "top eigenvalue to 1e-3", "peer": f"hessian-eigenthings Lanczos, one max_iter ({fixed}) for all seeds",
-                 "ratio_time": total(ours, "seconds") / sum(times), "ratio_products": total(ours, "products") / (fixed * seeds),
-                 "parashield_s": total(ours, "seconds") / seeds, "peer_s": sum(times) / seeds,
-                 "agreement": {"parashield_worst_error": max(r["error"] for r in ours), "peer_worst_error": max(errors)}})
     return rows, {"runs": runs, "peer_defaults": defaults}
+
+
+def _pyhessian_default(ph, model, x, y) -> float:
+    """PyHessian's ``eigenvalues()`` with its defaults (maxIter=100, tol=1e-3), seed 0."""
+    torch.manual_seed(0)
+    value = ph.hessian(model, F.cross_entropy, data=(x, y), cuda=False).eigenvalues()[0][0]
+    model.zero_grad(set_to_none=True)
+    return value
 
 
 # ------------------------------------------------------------------------------------ trace
@@ -282,6 +312,7 @@ def bench_trace(model, x, y, rounds: int, pilot: int) -> dict:
 
 # ------------------------------------------------------------------------------------ landscapes
 def bench_landscapes(model, x, y, rounds: int, line_steps: int, plane_steps: int) -> list[dict]:
+    """The line gets three times ``rounds`` (it is short, so its timings are noisier)."""
     import loss_landscapes as ll
     from loss_landscapes.metrics import Loss
 
@@ -301,17 +332,18 @@ def bench_landscapes(model, x, y, rounds: int, line_steps: int, plane_steps: int
     alphas = [i / line_steps for i in range(1, line_steps + 1)]
     out = ratio(lambda: ps.loss_line(obj, d1, alphas),
                 lambda: ll.linear_interpolation(model, ends[0], metric, steps=line_steps, deepcopy_model=True),
-                torch.device("cpu"), rounds, warmup=1)
+                torch.device("cpu"), 3 * rounds, warmup=1)
     ours = ps.loss_line(obj, d1, alphas)
     theirs = torch.as_tensor(ll.linear_interpolation(model, ends[0], metric, steps=line_steps, deepcopy_model=True),
                              dtype=torch.float64)
     loop = ratio(lambda: ps.loss_line(obj, d1, alphas, vectorize=False),
                  lambda: ll.linear_interpolation(model, ends[0], metric, steps=line_steps, deepcopy_model=True),
-                 torch.device("cpu"), rounds, warmup=1)
+                 torch.device("cpu"), 3 * rounds, warmup=1)
     rows.append({"row": f"loss line, {line_steps} points", "peer": "loss-landscapes linear_interpolation",
                  "ratio_time": out["ratio"], "ratio_time_vectorize_false": loop["ratio"],
                  "parashield_s": out["a_median_s"], "peer_s": out["b_median_s"],
-                 "rounds": rounds, "agreement": {"max_relative_difference": float(((ours - theirs).abs() / theirs.abs()).max())}})
+                 "rounds": 3 * rounds,
+                 "agreement": {"max_relative_difference": float(((ours - theirs).abs() / theirs.abs()).max())}})
 
     # the plane: the peer's column i (along d1) holds j / steps along d2 for j = 1..steps when i is
     # even and j = 0..steps-1 when i is odd (it walks the grid back and forth); parashield's grid
@@ -376,7 +408,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     ref = reference_eigenvalue(model, x, y)
     rows = bench_sam_family(model, x, y, rounds=4 if q else 30)
-    eig_rows, eig_runs = bench_eigenvalue(model, x, y, seeds=3 if q else 10, ref=ref["value"])
+    eig_rows, eig_runs = bench_eigenvalue(model, x, y, seeds=3 if q else 10, ref=ref["value"], rounds=1 if q else 5)
     rows += eig_rows
     rows.append(bench_trace(model, x, y, rounds=2 if q else 5, pilot=10 if q else 30))
     rows += bench_landscapes(model, x, y, rounds=2 if q else 7, line_steps=10 if q else 50, plane_steps=5 if q else 20)
