@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -115,7 +116,7 @@ def bench_sam_family(model, x, y, rounds: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ eigenvalue
 class Recorder:
-    """Counts a peer's products and records its eigenvalue estimate after each one."""
+    """A peer's eigenvalue estimate after each of its products, recorded by a wrapper."""
 
     def __init__(self) -> None:
         self.estimates: list[float] = []
@@ -412,14 +413,11 @@ def main(argv=None) -> int:
     rows += eig_rows
     rows.append(bench_trace(model, x, y, rounds=2 if q else 5, pilot=10 if q else 30))
     rows += bench_landscapes(model, x, y, rounds=2 if q else 7, line_steps=10 if q else 50, plane_steps=5 if q else 20)
-    import hessian_eigenthings, loss_landscapes, pytorch_optimizer  # noqa: E401  (their versions)
-    from importlib.metadata import version
-
+    seconds = time.perf_counter() - t0
     doc = {"params": numel(model), "examples": len(y), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "python": platform.python_version(), "machine": platform.machine(), "quick": q,
            "peers": {n: version(n) for n in ("pytorch-optimizer", "PyHessian", "hessian-eigenthings", "loss-landscapes")},
-           "seconds": None, "reference_eigenvalue": ref, "rows": rows, "eigenvalue_runs": eig_runs}
-    doc["seconds"] = time.perf_counter() - t0
+           "seconds": seconds, "reference_eigenvalue": ref, "rows": rows, "eigenvalue_runs": eig_runs}
     table = markdown(doc)
     print(table)
     out = args.out or (None if q else str(Path(__file__).parent / "peers-cpu.json"))
