@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         ("second_order, dense L2 (50 Lanczos)", lambda: ps.loss_change(objective, dense_l2, "second_order")),
         ("second_order, layer L2 (50 ascent steps x 2)", lambda: ps.loss_change(objective, budget, "second_order")),
         ("layer_vulnerability, first_order", lambda: ps.layer_vulnerability(objective, budget)),
-        ("hessian_top_eigenvalue (100 Lanczos)", lambda: ps.hessian_top_eigenvalue(objective)),
+        ("hessian_top_eigenvalue (Lanczos to tol 1e-6)", lambda: ps.hessian_top_eigenvalue(objective)),
         ("hessian_trace (100 samples)", lambda: ps.hessian_trace(objective)),
     ]
     rows = []

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 import parashield as ps
-from parashield._krylov import eigenpairs, hutchinson, hutchpp, lanczos, quadrature
+from parashield._krylov import eigenpairs, gaussian_start, hutchinson, hutchpp, lanczos, quadrature
 
 
 
@@ -49,6 +49,43 @@ def test_top_eigenvalue_is_reliable_for_every_seed():
     for seed in range(20):
         values, _, _ = eigenpairs(lambda v: A @ v, _start(400, seed), 1, tol=1e-6, max_iters=300)
         assert abs(float(values[0]) - 10.0) <= 1e-3 * 10.0, seed
+
+
+def test_value_bound_stops_early_and_keeps_its_promise():
+    # A network-like spectrum: a cluster of outliers (the top 7% above the next) over a bulk near 0.
+    spectrum = torch.cat([torch.tensor([1.0, 0.93, 0.86, 0.82, 0.74]), torch.linspace(-0.02, 0.1, 395, dtype=torch.float64)])
+    A = _matrix(spectrum, seed=4)
+    for seed in range(10):
+        kw = dict(k=1, tol=1e-3, max_iters=200)
+        v_val, _, n_val = eigenpairs(lambda v: A @ v, _start(400, seed), bound="value", **kw)
+        v_res, _, n_res = eigenpairs(lambda v: A @ v, _start(400, seed), bound="residual", **kw)
+        assert abs(float(v_val[0]) - 1.0) <= 1e-3, seed
+        assert abs(float(v_res[0]) - 1.0) <= 1e-5, seed  # the residual bound overshoots: error ~ r^2 / gap
+        assert n_val < n_res, seed
+
+
+def test_tolerance_stops_early_on_an_easy_problem():
+    # One eigenvalue far above the rest: a few products suffice, whatever max_iters allows.
+    A = _matrix(torch.cat([torch.tensor([10.0]), torch.linspace(0, 1, 299, dtype=torch.float64)]), seed=5)
+    for bound in ("value", "residual"):
+        values, _, steps = eigenpairs(lambda v: A @ v, _start(300, 0), 1, tol=1e-6, max_iters=300, bound=bound)
+        assert float(values[0]) == pytest.approx(10.0, rel=1e-6)
+        assert steps <= 12, (bound, steps)
+
+
+def test_gaussian_starts_differ_by_seed_and_repeat_per_seed():
+    a, gen_a = gaussian_start(50, 0, torch.device("cpu"))
+    b, _ = gaussian_start(50, 1, torch.device("cpu"))
+    again, gen_again = gaussian_start(50, 0, torch.device("cpu"))
+    assert torch.equal(a, again) and not torch.allclose(a, b)
+    # the generator goes on past the start, so restart vectors are not the next seed's start
+    assert torch.equal(torch.randn(3, generator=gen_a), torch.randn(3, generator=gen_again))
+    assert not torch.equal(torch.randn(50, generator=gen_a, dtype=torch.float64), b)
+
+
+def test_eigenpairs_rejects_an_unknown_bound():
+    with pytest.raises(ValueError, match="bound must be one of"):
+        eigenpairs(lambda v: v, _start(5, 0), 1, bound="angle")
 
 
 def test_lanczos_quadrature_reproduces_the_moments():
@@ -142,6 +179,18 @@ def test_eigenpairs_match_the_dense_matrix(curvature):
     assert curvature in repr(res)
 
 
+def test_value_bound_on_a_network_is_the_top_eigenvalue_function():
+    model, batch = _net()
+    lam = torch.linalg.eigvalsh(_dense(model, batch, "hessian"))
+    top = float(lam[lam.abs().argmax()])
+    obj = ps.Objective(model, _ce, batch)
+    for seed in range(3):
+        fast = ps.hessian_eigenpairs(obj, which="magnitude", tol=1e-4, bound="value", seed=seed)
+        slow = ps.hessian_eigenpairs(obj, which="magnitude", tol=1e-4, seed=seed)
+        assert fast.values[0] == pytest.approx(top, rel=1e-4) and fast.matvecs <= slow.matvecs
+        assert ps.hessian_top_eigenvalue(obj, tol=1e-4, seed=seed) == fast.values[0]  # the same algorithm
+
+
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])
 def test_output_curvature_over_several_batches_is_the_example_mean(curvature):
     model, (x, y) = _net()
@@ -204,6 +253,7 @@ def test_model_is_restored_and_grads_untouched():
         (lambda o: ps.hessian_eigenpairs(o, which="top"), ValueError, "which"),
         (lambda o: ps.hessian_eigenpairs(o, k=1000), ValueError, "k must be"),
         (lambda o: ps.hessian_eigenpairs(o, tol=0), ValueError, "tol"),
+        (lambda o: ps.hessian_eigenpairs(o, bound="angle"), ValueError, "bound"),
         (lambda o: ps.hessian_eigenpairs(o, curvature="ggn", logits_fn=3), TypeError, "logits_fn"),
         (lambda o: ps.hessian_density(o, sigma=-1.0), ValueError, "sigma"),
         (lambda o: ps.hessian_trace_estimate(o, method="exact"), ValueError, "method"),

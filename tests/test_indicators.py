@@ -345,6 +345,30 @@ def mlp_objective(models):
     return ps.Objective(model, models.mse_loss, batch)
 
 
+def test_hvp_operator_over_one_batch_equals_the_plain_product(models):
+    """The one-batch operator (the gradient's graph built once) gives ``hvp``'s products, for
+    several vectors in a row, with an unused parameter and over a loss linear in a parameter."""
+    model = models.make_mlp(seed=3, sizes=(3, 5, 2))
+    model.unused = nn.Parameter(torch.ones(2, dtype=torch.float64))
+    model.linear = nn.Parameter(torch.full((2,), 0.5, dtype=torch.float64))
+    batch = models.regression_batch(seed=2, n=10)
+    obj = ps.Objective(model, lambda m, b: models.mse_loss(m, b) + 3 * m.linear.sum(), batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    with obj.probe() as pr:
+        product = pr.hvp_operator()
+        for _ in range(3):
+            v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in pr.params]
+            for a, b in zip(product(v), pr.hvp(v)):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        names = [n for n, _ in model.named_parameters()]
+        assert not product(v)[names.index("unused")].any() and not product(v)[names.index("linear")].any()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    several = ps.Objective(model, models.mse_loss, [batch, batch])
+    with several.probe() as pr:
+        assert pr.hvp_operator() == pr.hvp  # several batches: one graph at a time, product by product
+
+
 def test_hessian_top_eigenvalue_matches_dense(mlp_objective):
     obj = mlp_objective
     assert obj.numel == 32
@@ -354,7 +378,8 @@ def test_hessian_top_eigenvalue_matches_dense(mlp_objective):
     order = ev.abs().argsort(descending=True)
     top, second = float(ev[order[0]]), float(ev[order[1]])
     assert abs(second) / abs(top) < 0.8  # a spectral gap, so power iteration converges
-    assert ps.hessian_top_eigenvalue(obj) == pytest.approx(top, rel=1e-8)
+    assert ps.hessian_top_eigenvalue(obj) == pytest.approx(top, rel=1e-6)  # the default tol's error bound
+    assert ps.hessian_top_eigenvalue(obj, tol=1e-12) == pytest.approx(top, rel=1e-10)
     assert ps.hessian_top_eigenvalue(obj, method="power", iters=3000, tol=1e-13) == pytest.approx(top, rel=1e-6)
 
 

@@ -22,8 +22,14 @@ WHICH = ("largest", "smallest", "magnitude")
 
 
 def _orthogonalize(w: Tensor, Q: Tensor) -> Tensor:
-    w = w - Q.T @ (Q @ w)
-    return w - Q.T @ (Q @ w)  # twice is enough (Kahan-Parlett)
+    """``w`` orthogonal to the rows of Q: one classical Gram-Schmidt pass, and a second one only
+    when the first shrank w below 1/sqrt(2) of its norm (the criterion of Daniel, Gragg, Kaufman
+    & Stewart 1976; twice is enough)."""
+    before = torch.linalg.vector_norm(w)
+    w = w.addmv(Q.T, Q @ w, alpha=-1)
+    if float(torch.linalg.vector_norm(w)) < math.sqrt(0.5) * float(before):
+        w.addmv_(Q.T, Q @ w, alpha=-1)  # in place: no new parameter-sized buffer per step
+    return w
 
 
 def tridiagonal(alphas: list[Tensor], betas: list[Tensor]) -> Tensor:
@@ -55,15 +61,23 @@ def lanczos(
 
     n = start.numel()
     m_max = min(iters, n)
-    # the basis and its stacked copy: two (m, n) matrices
+    # the basis and a product with it: two (m, n) matrices
     check_memory(2 * start.element_size() * m_max * n, f"{m_max} Lanczos vectors of {n} parameters (iters={iters})",
                  start.device)
-    basis, alphas, betas = [start / torch.linalg.vector_norm(start)], [], []
+    # the basis in the rows of one preallocated matrix: its first j+1 rows are a view, not a copy
+    basis = start.new_empty(m_max, n)
+    basis[0] = start / torch.linalg.vector_norm(start)
+    alphas: list[Tensor] = []
+    betas: list[Tensor] = []
     for j in progress(range(m_max), desc="Lanczos", unit="hvp", leave=False):
         w = matvec(basis[j])
         alpha = torch.dot(w, basis[j])
         alphas.append(alpha)
-        Q = torch.stack(basis)
+        # the three-term recurrence first, then full reorthogonalization of what rounding left
+        w = w.addcmul(basis[j], alpha, value=-1)  # w is the operator's; it may keep a reference
+        if j > 0:
+            w.addcmul_(basis[j - 1], betas[j - 1], value=-1)
+        Q = basis[: j + 1]
         w = _orthogonalize(w, Q)
         beta = torch.linalg.vector_norm(w)
         if j == m_max - 1 or (stop is not None and stop(tridiagonal(alphas, betas), float(beta))):
@@ -77,11 +91,12 @@ def lanczos(
             if float(nw) <= 1e-8:
                 break
             betas.append(torch.zeros_like(beta))
-            basis.append(w / nw)
+            basis[j + 1] = w / nw
             continue
         betas.append(beta)
-        basis.append(w / beta)
-    return tridiagonal(alphas, betas), torch.stack(basis[: len(alphas)])
+        torch.div(w, beta, out=basis[j + 1])
+    m = len(alphas)
+    return tridiagonal(alphas, betas), basis[:m] if m == m_max else basis[:m].clone()  # frees the unused rows
 
 
 def _pick(values: Tensor, k: int, which: str) -> Tensor:
@@ -93,19 +108,30 @@ def _pick(values: Tensor, k: int, which: str) -> Tensor:
     return torch.argsort(values.abs(), descending=True)[:k]
 
 
+#: what ``tol`` bounds in :func:`eigenpairs`: the Ritz pair's residual, or the Ritz value's error
+BOUNDS = ("residual", "value")
+
+
 def eigenpairs(
     matvec: MatVec, start: Tensor, k: int, which: str = "largest", tol: float = 1e-6, max_iters: int = 200,
-    generator: Optional[torch.Generator] = None,
+    generator: Optional[torch.Generator] = None, bound: str = "residual",
 ) -> tuple[Tensor, Tensor, int]:
     """The k wanted eigenpairs (values (k,), vectors (n, k)) and the number of matvecs.
 
-    Stops when every wanted Ritz pair has residual ``||A y - theta y|| = beta |s_m|`` below
-    ``tol * max|theta|``; for a symmetric A that bounds the eigenvalue error by the same amount
-    (and by its square over the gap). At least ``min(n, 2k + 8)`` steps are taken, so that a
-    start nearly orthogonal to a wanted eigenvector does not stop on a wrong one.
+    Each wanted Ritz pair (theta, y) has residual ``r = ||A y - theta y|| = beta |s_m|``. With
+    ``bound="residual"`` the iteration stops when every ``r <= tol * max|theta|``: the pair is
+    then accurate (the eigenvalue error is at most r, the vector's angle about r / gap). With
+    ``bound="value"`` it stops when every ``min(r, r^2 / gap) <= tol * max|theta|``, ``gap`` the
+    distance from theta to the nearest other Ritz value: the eigenvalue error bound of Kato and
+    Temple (Parlett, *The Symmetric Eigenvalue Problem*, 11.7), which for the values alone stops
+    several products earlier (the value converges twice as fast as the vector). At least
+    ``min(n, 2k + 4)`` steps are taken, so that a start nearly orthogonal to a wanted eigenvector
+    does not stop on a wrong one.
     """
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     n = start.numel()
-    least = min(n, 2 * k + 8)
+    least = min(n, 2 * k + 4)
 
     def converged(T: Tensor, beta: float) -> bool:
         m = T.shape[0]
@@ -113,8 +139,13 @@ def eigenpairs(
             return False
         theta, S = torch.linalg.eigh(T.cpu())
         idx = _pick(theta, k, which)
-        scale = float(theta.abs().max())
-        return bool((beta * S[-1, idx].abs() <= tol * max(scale, 1e-300)).all())
+        scale = max(float(theta.abs().max()), 1e-300)
+        r = beta * S[-1, idx].abs()
+        if bound == "value" and m > 1:
+            others = (theta[idx, None] - theta[None, :]).abs()
+            others[torch.arange(k), idx] = math.inf  # a value's distance to itself
+            r = torch.minimum(r, r * r / others.min(1).values)
+        return bool((r <= tol * scale).all())
 
     T, Q = lanczos(matvec, start, max_iters, generator=generator, stop=converged)
     theta, S = torch.linalg.eigh(T.cpu())
@@ -128,6 +159,15 @@ def quadrature(T: Tensor) -> tuple[Tensor, Tensor]:
     nodes (the Ritz values) and weights (squared first components of T's eigenvectors)."""
     theta, S = torch.linalg.eigh(T.cpu())
     return theta, S[0] ** 2
+
+
+def gaussian_start(n: int, seed: int, device: torch.device) -> tuple[Tensor, torch.Generator]:
+    """A Gaussian start vector for Lanczos (float64, on ``device``) drawn from a CPU generator
+    seeded with ``seed``, and that generator, to draw any restart vectors after it (one stream
+    per seed, the same on every device). Its direction is uniform on the sphere, so its overlap
+    with the top eigenvector has the same law for every seed and every spectrum."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=generator, dtype=torch.float64).to(device), generator
 
 
 def rademacher(n: int, generator: torch.Generator, device: torch.device, count: Optional[int] = None) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_count, check_objective, check_seed
-from ._krylov import WHICH, eigenpairs, hutchinson, hutchpp, lanczos, quadrature
+from ._krylov import BOUNDS, WHICH, eigenpairs, gaussian_start, hutchinson, hutchpp, lanczos, quadrature
 from .budget import _flat
 from .indicators import _FlatHessian
 from .margin import LogitsFn, checked_logits, xy_logits
@@ -97,13 +97,6 @@ def _operator(objective: Objective, curvature: str, logits_fn: Optional[LogitsFn
             yield _FlatOutputCurvature(pr, xy_logits if logits_fn is None else logits_fn, curvature)
 
 
-def _start(objective: Objective, seed: int) -> Tensor:
-    """A Gaussian start vector from a seeded CPU generator: almost surely not orthogonal to any
-    eigenvector, and the same on every device."""
-    gen = torch.Generator().manual_seed(check_seed(seed))
-    return torch.randn(objective.numel, generator=gen, dtype=torch.float64).to(objective.device)
-
-
 def _as_params(objective: Objective, flat: Tensor) -> dict[str, Tensor]:
     parts = flat.split([p.numel() for p in objective.params])
     return {n: t.reshape(p.shape).to(p.dtype).clone() for n, t, p in zip(objective.names, parts, objective.params)}
@@ -134,13 +127,17 @@ def hessian_eigenpairs(
     tol: float = 1e-6,
     max_iters: int = 200,
     seed: int = 0,
+    bound: str = "residual",
 ) -> Eigenpairs:
     """The k top eigenpairs of the curvature (``which``: ``"largest"`` algebraically,
     ``"smallest"``, or largest in ``"magnitude"``) by Lanczos with full reorthogonalization.
 
-    Stops when every wanted Ritz pair's residual ``||A y - theta y||`` is below
-    ``tol * max|theta|`` (a bound on the eigenvalue error), or after ``max_iters`` products.
-    The start is a seeded Gaussian vector (see module docstring for ``curvature``/``logits_fn``).
+    Stops when every wanted Ritz pair's residual ``r = ||A y - theta y||`` is below
+    ``tol * max|theta|`` (``bound="residual"``: accurate values and vectors), or, with
+    ``bound="value"``, when every value's error bound ``min(r, r^2 / gap)`` is (``gap`` the
+    distance to the nearest other Ritz value; several products fewer, vectors less accurate),
+    or after ``max_iters`` products. The start is a Gaussian vector from a generator seeded with
+    ``seed`` (see module docstring for ``curvature``/``logits_fn``).
     """
     check_objective(objective)
     k = check_count("k", k)
@@ -149,12 +146,13 @@ def hessian_eigenpairs(
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < 1):
         raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if k > objective.numel:
         raise ValueError(f"k must be at most the number of selected parameters ({objective.numel}), got {k}")
-    start = _start(objective, seed)
+    start, gen = gaussian_start(objective.numel, check_seed(seed), objective.device)
     with _operator(objective, curvature, logits_fn) as op:
-        gen = torch.Generator().manual_seed(seed + 1)
-        values, vectors, steps = eigenpairs(op, start, k, which, tol, max(max_iters, k), gen)
+        values, vectors, steps = eigenpairs(op, start, k, which, tol, max(max_iters, k), gen, bound)
     return Eigenpairs(tuple(float(v) for v in values), tuple(_as_params(objective, vectors[:, i]) for i in range(k)),
                       curvature, steps)
 
