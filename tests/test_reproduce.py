@@ -355,6 +355,11 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
         runs = res["equal_compute"]
         assert {r["k"] for r in runs} == {1, task.k_grid[0]} and len({r["compute"] for r in runs}) == 1
         assert "APD's K at equal compute" in text and data["tasks"][name]["equal_compute_comparisons"][0]["a"] == task.k_grid[0]
+    if task.linf_defense:  # the headline K again with the L-inf budget, compared under the ablation budgets
+        sel = res["linf_defense"]["selection"]
+        assert sel["selected_on"] == "validation" and sel["spec"]["norm"] == "linf"
+        assert {c["b"] for c in data["tasks"][name]["linf_defense_comparisons"]} == {"plain", res["headline"]}
+        assert "APD trained with an L-inf budget" in text
     comp = data["tasks"][name]["budget_comparisons"][0]  # every ablation point compared or listed as at chance
     points = [f"{r['budget']} eps {r['eps']}" for r in comp["rows"]] + comp["excluded"]
     ablation = [f"{r['budget']} eps {r['eps']}" for r in res["budget_ablation"][0]["rows"]]
@@ -394,3 +399,13 @@ def test_equal_compute_comparisons_decide_both_ways_and_exclude_chance(gain, cal
     assert (c["a"], c["b"], c["seeds"], c["excluded"]) == (3, 1, 5, [0.2])
     assert [r["eps"] for r in c["rows"]] == [0.05] and c["rows"][0]["drop"]["call"] == call
     assert c["clean"]["call"] == call
+
+
+def test_the_defense_budget_norm_reaches_the_optimizer_and_keeps_old_cache_keys():
+    from parashield.reproduce.runner import Spec, build_optimizer
+
+    task = _task("digits")
+    spec = Spec("apd", 0.02, 0.1, 2, norm="linf")
+    assert build_optimizer(spec, task.build_model(), task).budget.norm == "linf"
+    assert "norm" not in Spec("apd", 0.02, 0.1, 2).key() and spec.key()["norm"] == "linf"
+    assert spec.name() == "apd_lr0.02_eps0.1_K2_linf"

@@ -270,17 +270,17 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
     return out
 
 
-def budget_comparisons(tr: dict) -> list[dict]:
-    """The headline APD against each control under the ablation budgets, on drops from each
-    model's own clean metric, paired over seeds, per budget and eps; (budget, eps) points where
-    every method sits at chance are excluded and listed."""
+def _ablation_pairs(tr: dict, rows: list[dict], a: str, controls: list[str]) -> list[dict]:
+    """``a`` against each control under the ablation budgets, on drops from each model's own
+    clean metric, paired over seeds, per budget and eps (positive: ``a`` drops less); (budget,
+    eps) points where every method sits at chance are excluded and listed."""
     by: dict = {}
-    for r in tr.get("budget_ablation") or []:
+    for r in rows:
         by.setdefault(r["method"], {})[r["seed"]] = r
-    head, sign, out = tr["headline"], _sign(tr), []
-    if head not in by:
+    sign, out = _sign(tr), []
+    if a not in by:
         return out
-    first = next(iter(by[head].values()))["rows"]
+    first = next(iter(by[a].values()))["rows"]
 
     def at_chance(i: int) -> bool:  # every method's mean metric at chance, as for the main grid
         means = [_mean([r["rows"][i]["metric"] for r in runs.values()]) for runs in by.values()]
@@ -288,21 +288,38 @@ def budget_comparisons(tr: dict) -> list[dict]:
                    for v in means)
 
     excluded = [i for i in range(len(first)) if at_chance(i)]
-    for c in CONTROLS:
-        if c not in by:
+    for c in controls:
+        if c not in by or c == a:
             continue
-        seeds = sorted(set(by[c]) & set(by[head]))
-        a, b = [by[head][s] for s in seeds], [by[c][s] for s in seeds]
-        rows = []
+        seeds = sorted(set(by[c]) & set(by[a]))
+        ra, rb = [by[a][s] for s in seeds], [by[c][s] for s in seeds]
+        pairs = []
         for i, row in enumerate(first):
             if i in excluded:
                 continue
             d = lambda r: sign * (r["clean_subset_metric"] - r["rows"][i]["metric"])  # noqa: E731
-            rows.append({"budget": row["budget"], "eps": row["eps"],
-                         "drop": paired([d(r) for r in b], [d(r) for r in a]).as_dict()})
-        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows,
+            pairs.append({"budget": row["budget"], "eps": row["eps"],
+                          "drop": paired([d(r) for r in rb], [d(r) for r in ra]).as_dict()})
+        out.append({"a": a, "b": c, "seeds": len(seeds), "rows": pairs,
+                    "clean": paired([sign * r["clean_subset_metric"] for r in ra],
+                                    [sign * r["clean_subset_metric"] for r in rb]).as_dict(),
                     "excluded": [f"{first[i]['budget']} eps {first[i]['eps']}" for i in excluded]})
     return out
+
+
+def budget_comparisons(tr: dict) -> list[dict]:
+    """The headline APD against each control under the ablation budgets (see _ablation_pairs)."""
+    return _ablation_pairs(tr, tr.get("budget_ablation") or [], tr["headline"], list(CONTROLS))
+
+
+def linf_defense_comparisons(tr: dict) -> list[dict]:
+    """APD trained with the L-inf budget against plain training and the L2-trained headline APD,
+    under the ablation budgets (see _ablation_pairs)."""
+    ld = tr.get("linf_defense")
+    if not ld:
+        return []
+    return _ablation_pairs(tr, [*(tr.get("budget_ablation") or []), *ld["runs"]], "apd_linf",
+                           ["plain", tr["headline"]])
 
 
 def equal_compute_comparisons(tr: dict) -> list[dict]:

@@ -51,6 +51,12 @@ class Spec:
     include_clean: bool = True
     #: compute-matched runs train this many times the epochs (rounded to whole epochs)
     epochs_factor: float = 1
+    norm: str = "l2"  #: the defense budget's norm (layer-relative): "l2" or "linf"
+
+    def key(self) -> dict:
+        """The spec in cache keys: a field added after the cache existed enters only when it
+        differs from its default, so that earlier runs stay valid."""
+        return {k: v for k, v in asdict(self).items() if not (k == "norm" and v == "l2")}
 
     @property
     def passes(self) -> int:
@@ -72,6 +78,8 @@ class Spec:
             parts.append(f"K{self.steps}" + ("" if self.include_clean else "-noclean"))
         if self.epochs_factor != 1:
             parts.append(f"x{self.epochs_factor:g}")
+        if self.norm != "l2":
+            parts.append(self.norm)
         return "_".join(parts)
 
 
@@ -107,7 +115,7 @@ def build_optimizer(spec: Spec, model: nn.Module, task: Task) -> torch.optim.Opt
         return base(params, **kw)
     if spec.method == "sam":
         return SAM(params, base, rho=spec.eps, **kw)
-    budget = Budget("l2", spec.eps, scale="layer")
+    budget = Budget(spec.norm, spec.eps, scale="layer")
     if spec.method == "one_step":
         return OneStepDefense(params, base, budget=budget, **kw)
     if spec.method == "sam_layer":
@@ -127,7 +135,7 @@ class Run:
     def __init__(self, task: Task, spec: Spec, seed: int, out: Path) -> None:
         self.task, self.spec, self.seed = task, spec, seed
         self.folder = out / "cache" / task.name / spec.name() / f"seed{seed}"
-        self.key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "spec": asdict(spec), "seed": seed})
+        self.key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "spec": spec.key(), "seed": seed})
         self._model: Optional[nn.Module] = None
 
     def model(self) -> nn.Module:
@@ -207,14 +215,14 @@ def _checkpoint_key(path: Path) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- evaluations
-def validation_score(task: Task, model: nn.Module) -> dict:
+def validation_score(task: Task, model: nn.Module, norm: str = "l2") -> dict:
     """Clean validation metric and validation metric under the multi-step corruption (computed
     on the attack data) at every evaluation eps; ``score`` is their oriented mean."""
     attack = Objective(model, task.loss_fn, task.attack_data)
     clean = _metric(task, model, task.valid_data)
     under = []
     for eps in task.eval_eps:
-        res = MultiStepCorruption(Budget("l2", eps, scale="layer"), steps=task.multi_steps)(attack)
+        res = MultiStepCorruption(Budget(norm, eps, scale="layer"), steps=task.multi_steps)(attack)
         with corrupted(model, res):
             under.append(_metric(task, model, task.valid_data))
     values = [_oriented(task, v) for v in [clean, *under]]
