@@ -405,7 +405,7 @@ def test_prefilter_ranks_only_the_top_weights_by_code_gradient(m):
     obj = _objective(model)
     _, grads = obj.restrict(q.params).gradient()
     bit = 6  # a position where the unrestricted best lies outside the top weights
-    allowed, best = [], None
+    best = None
     for i, (name, codes) in enumerate(zip(q.names, q.codes)):
         top = (grads[i] * q.scales[i]).abs().view(-1).topk(m).indices.tolist()
         flat = codes.view(-1).tolist()

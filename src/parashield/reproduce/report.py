@@ -198,7 +198,7 @@ def _equal_compute_markdown(tr: dict) -> list[str]:
              f"Every K trained with the gradient passes of the largest K at {tr['config']['epochs']} epochs "
              "(fewer passes per step, more epochs; K = 1 is one-step training), each at its eps chosen on validation; "
              f"test {metric} clean and under the attack ensemble.", "",
-             f"| K | epochs | eps | clean | " + " | ".join(f"eps {e}" for e in eps) + " |",
+             "| K | epochs | eps | clean | " + " | ".join(f"eps {e}" for e in eps) + " |",
              "|---|---|---|---|" + "---|" * len(eps)]
     for k, rs in sorted(by.items()):
         lines.append(f"| {k} | {rs[0]['epochs']} | {rs[0]['spec']['eps']} | {_ms([r['clean'] for r in rs])} | "
