@@ -409,3 +409,23 @@ def test_the_defense_budget_norm_reaches_the_optimizer_and_keeps_old_cache_keys(
     assert build_optimizer(spec, task.build_model(), task).budget.norm == "linf"
     assert "norm" not in Spec("apd", 0.02, 0.1, 2).key() and spec.key()["norm"] == "linf"
     assert spec.name() == "apd_lr0.02_eps0.1_K2_linf"
+
+
+def test_a_run_collapsed_to_chance_counts_for_clean_but_not_for_robustness():
+    """A model at chance has nothing left to lose: its zero drop must not make its method look
+    robust; its clean metric still counts against the method."""
+    def ev(clean, attacked):
+        return {"clean": {"metric": clean, "corrupted_subset_metric": clean, "loss": 0.3},
+                "grid": [{"eps": 0.1, "ensemble": {"metric": attacked, "loss": 1.0}}]}
+
+    runs = [{"method": "plain", "seed": s, "eval": ev(0.9, 0.5 + 0.01 * s)} for s in range(4)]
+    runs += [{"method": "apd2", "seed": s, "eval": ev(0.9, 0.6 + 0.02 * s)} for s in range(3)]
+    runs += [{"method": "apd2", "seed": 3, "eval": ev(0.1, 0.1)}]  # collapsed: drop 0
+    tr = {"runs": runs, "higher_is_better": True, "chance": 0.1, "point": 0.01}
+    assert findings.collapsed(tr) == [{"method": "apd2", "seed": 3, "metric": 0.1}]
+    c = findings.compare(tr, "apd2", "plain", "ensemble", [])
+    assert (c["seeds"], c["robust_seeds"]) == (4, 3) and c["clean"]["mean"] == pytest.approx(-0.2)
+    assert c["rows"][0]["drop"]["mean"] == pytest.approx(0.11)  # plain's drops 0.40/0.39/0.38, APD's 0.30/0.28/0.26
+    without = findings.compare({**tr, "runs": runs[:7] + [{"method": "apd2", "seed": 3, "eval": ev(0.9, 0.66)}]},
+                               "apd2", "plain", "ensemble", [])
+    assert without["robust_seeds"] == 4

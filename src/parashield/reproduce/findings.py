@@ -40,6 +40,26 @@ def loss_rise(e: dict, i: int, attack: str) -> float:
     return e["grid"][i][attack]["loss"] - e["clean"]["loss"]
 
 
+def at_chance(tr: dict, value: float) -> bool:
+    """A metric at chance: within two points of it for accuracy-like metrics, within 10% of the
+    chance perplexity (or NaN)."""
+    if math.isnan(value):
+        return True
+    return value <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else value >= 0.9 * tr["chance"]
+
+
+def collapsed(tr: dict) -> list[dict]:
+    """Final runs whose clean test metric is at chance: training failed. They count in every
+    clean comparison (a collapse is the method's failure) but not in robustness ones, where a
+    model at chance has nothing left to lose and would look robust."""
+    return [{"method": r["method"], "seed": r["seed"], "metric": r["eval"]["clean"]["metric"]}
+            for r in tr.get("runs", []) if at_chance(tr, r["eval"]["clean"]["metric"])]
+
+
+def _failed(tr: dict) -> set:
+    return {(c["method"], c["seed"]) for c in collapsed(tr)}
+
+
 def meaningful(tr: dict) -> dict:
     """Does the plain model beat every classical reference on the test split?"""
     plain = _mean([e["clean"]["metric"] for e in evals(tr, "plain")])
@@ -84,11 +104,11 @@ def excluded_points(tr: dict, attack: str) -> list[int]:
     out = []
     grid = evals(tr, "plain")[0]["grid"]
     for i in range(len(grid)):
-        at_chance = []
+        flags = []
         for m in tr["methods"]:
             v = _mean([e["grid"][i][attack]["metric"] for e in evals(tr, m)])
-            at_chance.append(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"])
-        if all(at_chance):
+            flags.append(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"])
+        if all(flags):
             out.append(i)
     return out
 
@@ -141,7 +161,8 @@ def finding_3a(tr: dict) -> dict:
 def finding_3b(tr: dict, attack: str) -> dict:
     """Spearman correlation, over every trained model (methods x seeds), between each indicator
     and the measured drop of the test metric under ``attack``, per eps."""
-    models = [r["eval"] for r in tr["runs"]]
+    failed = _failed(tr)
+    models = [r["eval"] for r in tr["runs"] if (r["method"], r["seed"]) not in failed]
     rows = []
     for i, g in enumerate(models[0]["grid"]):
         measured = [drop(tr, e, i, attack) for e in models]
@@ -154,7 +175,8 @@ def finding_3b(tr: dict, attack: str) -> dict:
     agrees = sum(r["call"] == "agrees" for r in rows)
     return {"finding": "3b. each indicator ranks the trained models in the order of their measured robustness",
             "rule": f"Spearman rho (95% Fisher-z interval) between the indicator on the attack data and the measured "
-                    f"test-metric drop under the verdict attack, over all {len(models)} trained models, per eps",
+                    f"test-metric drop under the verdict attack, over the {len(models)} trained models not collapsed "
+                    f"to chance, per eps",
             "rows": rows, "backwards": backwards,
             "verdict": f"agrees at {agrees}/{len(rows)} (indicator, eps) pairs; ranks backwards at "
                        + (", ".join(backwards) if backwards else "none")}
@@ -171,17 +193,21 @@ def compare(tr: dict, a: str, b: str, attack: str, excluded: list[int]) -> Optio
     ea, eb = ea[:n], eb[:n]
     sign = _sign(tr)
     clean = paired([sign * e["clean"]["metric"] for e in ea], [sign * e["clean"]["metric"] for e in eb])
+    failed = _failed(tr)
+    keep = [s for s in range(n) if (a, s) not in failed and (b, s) not in failed]  # evals are in seed order
+    ra, rb = [ea[s] for s in keep], [eb[s] for s in keep]
     rows = []
     for i, g in enumerate(ea[0]["grid"]):
         if i in excluded:
             continue
-        d = paired([drop(tr, e, i, attack) for e in eb], [drop(tr, e, i, attack) for e in ea])
-        l = paired([loss_rise(e, i, attack) for e in eb], [loss_rise(e, i, attack) for e in ea])
+        d = paired([drop(tr, e, i, attack) for e in rb], [drop(tr, e, i, attack) for e in ra])
+        l = paired([loss_rise(e, i, attack) for e in rb], [loss_rise(e, i, attack) for e in ra])
         rows.append({"eps": g["eps"], "drop": d.as_dict(), "loss_rise": l.as_dict()})
     calls = [r["drop"]["call"] for r in rows]
     robust = ("better" if calls and calls.count("better") * 2 >= len(calls) and "worse" not in calls
               else "worse" if calls and calls.count("worse") * 2 >= len(calls) and "better" not in calls else "tie")
-    return {"a": a, "b": b, "seeds": n, "clean": clean.as_dict(), "rows": rows, "robust": robust, "excluded": len(excluded)}
+    return {"a": a, "b": b, "seeds": n, "robust_seeds": len(keep), "clean": clean.as_dict(), "rows": rows,
+            "robust": robust, "excluded": len(excluded)}
 
 
 def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
@@ -209,7 +235,8 @@ def decide(tr: dict) -> dict:
     strength = attack_strength(tr)
     attack = strength["verdict_attack"]
     excluded = excluded_points(tr, attack)
-    out = {"meaningful": status, "attack_strength": strength, "excluded_points": [evals(tr, "plain")[0]["grid"][i]["eps"] for i in excluded]}
+    out = {"meaningful": status, "attack_strength": strength, "collapsed": collapsed(tr),
+           "excluded_points": [evals(tr, "plain")[0]["grid"][i]["eps"] for i in excluded]}
     if not status["meaningful"]:
         out["findings"] = []
         out["note"] = "NOT MEANINGFUL: the plain model does not beat every classical reference; no finding is decided"
@@ -243,7 +270,10 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
     for c in CONTROLS:
         if c not in by or head not in by:
             continue
-        seeds = sorted(set(by[c]) & set(by[head]))
+        failed = _failed(tr)
+        seeds = sorted(s for s in set(by[c]) & set(by[head]) if (c, s) not in failed and (head, s) not in failed)
+        if not seeds:
+            continue
         a, b = [by[head][s] for s in seeds], [by[c][s] for s in seeds]
         top = a[0]["random"][-1]["flips"]
 
@@ -276,18 +306,18 @@ def _ablation_pairs(tr: dict, rows: list[dict], a: str, controls: list[str]) -> 
     eps) points where every method sits at chance are excluded and listed."""
     by: dict = {}
     for r in rows:
-        by.setdefault(r["method"], {})[r["seed"]] = r
+        if not at_chance(tr, r["clean_subset_metric"]):  # a collapsed run has nothing left to lose
+            by.setdefault(r["method"], {})[r["seed"]] = r
     sign, out = _sign(tr), []
     if a not in by:
         return out
     first = next(iter(by[a].values()))["rows"]
 
-    def at_chance(i: int) -> bool:  # every method's mean metric at chance, as for the main grid
+    def everyone_at_chance(i: int) -> bool:  # every method's mean metric at chance, as for the main grid
         means = [_mean([r["rows"][i]["metric"] for r in runs.values()]) for runs in by.values()]
-        return all(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"]
-                   for v in means)
+        return all(at_chance(tr, v) for v in means)
 
-    excluded = [i for i in range(len(first)) if at_chance(i)]
+    excluded = [i for i in range(len(first)) if everyone_at_chance(i)]
     for c in controls:
         if c not in by or c == a:
             continue
@@ -329,18 +359,17 @@ def equal_compute_comparisons(tr: dict) -> list[dict]:
     excluded and listed."""
     by: dict = {}
     for r in tr.get("equal_compute") or []:
-        by.setdefault(r["k"], {})[r["seed"]] = r
+        by.setdefault(r["k"], {})[r["seed"]] = r  # clean compared over all; drops only where neither collapsed
     if len(by) < 2:
         return []
     sign, base = _sign(tr), min(by)
     first = next(iter(by[base].values()))["ensemble"]
 
-    def at_chance(i: int) -> bool:
+    def everyone_at_chance(i: int) -> bool:
         means = [_mean([r["ensemble"][i]["metric"] for r in runs.values()]) for runs in by.values()]
-        return all(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"]
-                   for v in means)
+        return all(at_chance(tr, v) for v in means)
 
-    excluded = [i for i in range(len(first)) if at_chance(i)]
+    excluded = [i for i in range(len(first)) if everyone_at_chance(i)]
     out = []
     for k in sorted(by):
         if k == base:
@@ -351,7 +380,9 @@ def equal_compute_comparisons(tr: dict) -> list[dict]:
         def d(r: dict, i: int) -> float:
             return sign * (r["clean_subset_metric"] - r["ensemble"][i]["metric"])
 
-        rows = [{"eps": first[i]["eps"], "drop": paired([d(r, i) for r in b], [d(r, i) for r in a]).as_dict()}
+        alive = [j for j in range(len(seeds)) if not at_chance(tr, a[j]["clean"]) and not at_chance(tr, b[j]["clean"])]
+        ra, rb = [a[j] for j in alive], [b[j] for j in alive]
+        rows = [{"eps": first[i]["eps"], "drop": paired([d(r, i) for r in rb], [d(r, i) for r in ra]).as_dict()}
                 for i in range(len(first)) if i not in excluded]
         out.append({"a": k, "b": base, "seeds": len(seeds),
                     "clean": paired([sign * r["clean"] for r in a], [sign * r["clean"] for r in b]).as_dict(),

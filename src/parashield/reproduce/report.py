@@ -85,6 +85,11 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
         run = next(r for r in tr["runs"] if r["method"] == m)
         lines.append(f"| {_label(m)} | {run['passes']} | {run['compute']} | {_ms([e['clean']['metric'] for e in es])} | "
                      f"{_ms([e['clean']['loss'] for e in es], 3)} |")
+    if dec.get("collapsed"):
+        lines += ["", "**Collapsed runs** (clean test metric at chance: training failed): "
+                  + ", ".join(f"{_label(c['method'])} seed {c['seed']} ({_fmt(c['metric'])})" for c in dec["collapsed"])
+                  + ". They count in every clean comparison and are left out of the robustness ones (drops, rankings, "
+                  "bit flips, budgets), where a model at chance would look robust."]
     eps = [g["eps"] for g in evals(tr, "plain")[0]["grid"]]
     strength = dec["attack_strength"]
     names = {"multi_step": "10 steps", "multi_step_50": "50 steps", "multi_step_50x5": "50 steps x 5 restarts",
@@ -158,7 +163,8 @@ def _finding_rows(f: dict) -> list[str]:
         for c in f["comparisons"]:
             cells = "<br>".join(f"eps {r['eps']}: drop {_pair(r['drop'])}; loss {_fmt(r['loss_rise']['mean'], 3)} ({r['loss_rise']['call']})"
                                 for r in c["rows"])
-            lines.append(f"| {_label(c['b'])} | {c['seeds']} | {_pair(c['clean'])} | **{c['robust']}** | {cells} |")
+            seeds = c["seeds"] if c.get("robust_seeds", c["seeds"]) == c["seeds"] else f"{c['seeds']} ({c['robust_seeds']} for drops)"
+            lines.append(f"| {_label(c['b'])} | {seeds} | {_pair(c['clean'])} | **{c['robust']}** | {cells} |")
         return lines + [""]
     rows = f["rows"]
     if rows and "indicator" in rows[0]:
