@@ -360,10 +360,14 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
         assert sel["selected_on"] == "validation" and sel["spec"]["norm"] == "linf"
         assert {c["b"] for c in data["tasks"][name]["linf_defense_comparisons"]} == {"plain", res["headline"]}
         assert "APD trained with an L-inf budget" in text
-    comp = data["tasks"][name]["budget_comparisons"][0]  # every ablation point compared or listed as at chance
-    points = [f"{r['budget']} eps {r['eps']}" for r in comp["rows"]] + comp["excluded"]
     ablation = [f"{r['budget']} eps {r['eps']}" for r in res["budget_ablation"][0]["rows"]]
-    assert sorted(points) == sorted(ablation) and ablation[0].startswith("linf layer")
+    assert ablation[0].startswith("linf layer")
+    comps = data["tasks"][name]["budget_comparisons"]
+    if not comps:  # a tiny model can sit at chance clean (tiny PTB): such runs are left out of drops
+        assert any(findings.at_chance(res, r["clean_subset_metric"]) for r in res["budget_ablation"])
+    for comp in comps:  # every ablation point compared or listed as at chance
+        points = [f"{r['budget']} eps {r['eps']}" for r in comp["rows"]] + comp["excluded"]
+        assert sorted(points) == sorted(ablation)
 
 
 def test_report_without_matplotlib_links_no_images(tiny, tmp_path, monkeypatch):
