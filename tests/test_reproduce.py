@@ -400,7 +400,7 @@ def test_equal_compute_comparisons_decide_both_ways_and_exclude_chance(gain, cal
     rows += [run(3, s, 0.95 + gain / 5, 0.7 + gain + noise[s] / 2) for s in range(5)]
     tr = {"equal_compute": rows, "higher_is_better": True, "chance": 0.1, "point": 0.01}
     (c,) = findings.equal_compute_comparisons(tr)
-    assert (c["a"], c["b"], c["seeds"], c["excluded"]) == (3, 1, 5, [0.2])
+    assert (c["a"], c["b"], c["seeds"], c["excluded"]) == (3, 1, 5, ["ensemble eps 0.2"])
     assert [r["eps"] for r in c["rows"]] == [0.05] and c["rows"][0]["drop"]["call"] == call
     assert c["clean"]["call"] == call
 

@@ -300,14 +300,16 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
     return out
 
 
-def _ablation_pairs(tr: dict, rows: list[dict], a: str, controls: list[str]) -> list[dict]:
-    """``a`` against each control under the ablation budgets, on drops from each model's own
-    clean metric, paired over seeds, per budget and eps (positive: ``a`` drops less); (budget,
-    eps) points where every method sits at chance are excluded and listed."""
+def _ablation_pairs(tr: dict, rows: list[dict], a, controls: list) -> list[dict]:
+    """``a`` against each control, paired over seeds: the clean metric (``clean`` where a row has
+    it, else ``clean_subset_metric``; positive: ``a`` better) over every seed, and per (budget,
+    eps) point the drop from each model's own ``clean_subset_metric`` (positive: ``a`` drops less)
+    over the seeds where neither run collapsed to chance; points where every method's mean sits at
+    chance are excluded and listed. Rows: ``{"method", "seed", "clean_subset_metric", "rows":
+    [{"budget", "eps", "metric"}]}``."""
     by: dict = {}
     for r in rows:
-        if not at_chance(tr, r["clean_subset_metric"]):  # a collapsed run has nothing left to lose
-            by.setdefault(r["method"], {})[r["seed"]] = r
+        by.setdefault(r["method"], {})[r["seed"]] = r
     sign, out = _sign(tr), []
     if a not in by:
         return out
@@ -317,12 +319,16 @@ def _ablation_pairs(tr: dict, rows: list[dict], a: str, controls: list[str]) -> 
         means = [_mean([r["rows"][i]["metric"] for r in runs.values()]) for runs in by.values()]
         return all(at_chance(tr, v) for v in means)
 
+    def clean(r: dict) -> float:
+        return sign * r.get("clean", r["clean_subset_metric"])
+
     excluded = [i for i in range(len(first)) if everyone_at_chance(i)]
     for c in controls:
         if c not in by or c == a:
             continue
         seeds = sorted(set(by[c]) & set(by[a]))
-        ra, rb = [by[a][s] for s in seeds], [by[c][s] for s in seeds]
+        alive = [s for s in seeds if not any(at_chance(tr, by[m][s]["clean_subset_metric"]) for m in (a, c))]
+        ra, rb = [by[a][s] for s in alive], [by[c][s] for s in alive]
         pairs = []
         for i, row in enumerate(first):
             if i in excluded:
@@ -330,9 +336,8 @@ def _ablation_pairs(tr: dict, rows: list[dict], a: str, controls: list[str]) -> 
             d = lambda r: sign * (r["clean_subset_metric"] - r["rows"][i]["metric"])  # noqa: E731
             pairs.append({"budget": row["budget"], "eps": row["eps"],
                           "drop": paired([d(r) for r in rb], [d(r) for r in ra]).as_dict()})
-        out.append({"a": a, "b": c, "seeds": len(seeds), "rows": pairs,
-                    "clean": paired([sign * r["clean_subset_metric"] for r in ra],
-                                    [sign * r["clean_subset_metric"] for r in rb]).as_dict(),
+        out.append({"a": a, "b": c, "seeds": len(seeds), "robust_seeds": len(alive), "rows": pairs,
+                    "clean": paired([clean(by[a][s]) for s in seeds], [clean(by[c][s]) for s in seeds]).as_dict(),
                     "excluded": [f"{first[i]['budget']} eps {first[i]['eps']}" for i in excluded]})
     return out
 
@@ -353,38 +358,10 @@ def linf_defense_comparisons(tr: dict) -> list[dict]:
 
 
 def equal_compute_comparisons(tr: dict) -> list[dict]:
-    """Each K at equal compute against the smallest K (one-step training), paired over seeds: the
-    clean metric (positive: the larger K is better) and the drop under the attack ensemble at
-    every eval eps (smaller K's drop - larger K's); eps where every K's mean sits at chance are
-    excluded and listed."""
-    by: dict = {}
-    for r in tr.get("equal_compute") or []:
-        by.setdefault(r["k"], {})[r["seed"]] = r  # clean compared over all; drops only where neither collapsed
-    if len(by) < 2:
-        return []
-    sign, base = _sign(tr), min(by)
-    first = next(iter(by[base].values()))["ensemble"]
-
-    def everyone_at_chance(i: int) -> bool:
-        means = [_mean([r["ensemble"][i]["metric"] for r in runs.values()]) for runs in by.values()]
-        return all(at_chance(tr, v) for v in means)
-
-    excluded = [i for i in range(len(first)) if everyone_at_chance(i)]
-    out = []
-    for k in sorted(by):
-        if k == base:
-            continue
-        seeds = sorted(set(by[k]) & set(by[base]))
-        a, b = [by[k][s] for s in seeds], [by[base][s] for s in seeds]
-
-        def d(r: dict, i: int) -> float:
-            return sign * (r["clean_subset_metric"] - r["ensemble"][i]["metric"])
-
-        alive = [j for j in range(len(seeds)) if not at_chance(tr, a[j]["clean"]) and not at_chance(tr, b[j]["clean"])]
-        ra, rb = [a[j] for j in alive], [b[j] for j in alive]
-        rows = [{"eps": first[i]["eps"], "drop": paired([d(r, i) for r in rb], [d(r, i) for r in ra]).as_dict()}
-                for i in range(len(first)) if i not in excluded]
-        out.append({"a": k, "b": base, "seeds": len(seeds),
-                    "clean": paired([sign * r["clean"] for r in a], [sign * r["clean"] for r in b]).as_dict(),
-                    "rows": rows, "excluded": [first[i]["eps"] for i in excluded]})
-    return out
+    """Each K at equal compute against the smallest K (one-step training), with the rules of the
+    budget ablation (see _ablation_pairs): clean test metric over every seed, drops under the
+    attack ensemble at every eval eps where neither run collapsed."""
+    rows = [{"method": r["k"], "seed": r["seed"], "clean": r["clean"], "clean_subset_metric": r["clean_subset_metric"],
+             "rows": [{"budget": "ensemble", **e} for e in r["ensemble"]]} for r in tr.get("equal_compute") or []]
+    ks = sorted({r["method"] for r in rows})
+    return [c for k in ks[1:] for c in _ablation_pairs(tr, rows, k, ks[:1])]

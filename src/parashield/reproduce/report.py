@@ -216,7 +216,7 @@ def _equal_compute_markdown(tr: dict) -> list[str]:
     for c in comps:
         lines.append(f"| {c['a']} | {_pair(c['clean'])} | " + " | ".join(_pair(r["drop"]) for r in c["rows"]) + " |")
     if comps[0]["excluded"]:
-        lines += ["", f"Excluded (every K at chance): eps {', '.join(map(str, comps[0]['excluded']))}."]
+        lines += ["", f"Excluded (every K at chance): {', '.join(comps[0]['excluded'])}."]
     return lines + [""]
 
 
