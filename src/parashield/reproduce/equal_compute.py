@@ -19,7 +19,7 @@ from .tasks import Task
 
 
 def specs(task: Task, selection: dict) -> dict[int, Spec]:
-    """One spec per K whose eps was chosen on validation (``one_step_eps`` for K = 1)."""
+    """One spec per K whose eps (and learning rate) was chosen on validation (``one_step_*`` for K = 1)."""
     picks = {int(k[3:-4]): v["pick"] for k, v in selection.items() if k.startswith("apd") and k.endswith("_eps")
              and k[3:-4].isdigit()}
     if "one_step_eps" in selection:
@@ -31,7 +31,8 @@ def specs(task: Task, selection: dict) -> dict[int, Spec]:
     for k, eps in sorted(picks.items()):
         factor = Fraction(top, k + 1)
         method = "one_step" if k == 1 else "apd"
-        out[k] = Spec(method, selection["lr"]["pick"], eps, 0 if k == 1 else k,
+        lr = selection.get("one_step_lr" if k == 1 else f"apd{k}_lr", selection["lr"])["pick"]
+        out[k] = Spec(method, lr, eps, 0 if k == 1 else k,
                       epochs_factor=int(factor) if factor.denominator == 1 else float(factor))
     return out
 

@@ -2,9 +2,10 @@
 
 1. References: the task's classical baselines, fitted on train, tuned on validation, scored on test.
 2. Selection (seed 0, scored on validation only): plain training's learning rate by clean
-   validation metric; each defense's radius (and SAM's rho) by the validation robustness score,
-   the mean of the oriented validation metric clean and under the multi-step corruption at every
-   evaluation eps; APD's headline K the same way. Every run keeps the epoch with the best clean
+   validation metric; each defense's radius (and SAM's rho) at that rate by the validation
+   robustness score, the mean of the oriented validation metric clean and under the multi-step
+   corruption at every evaluation eps, then, where the task lists ``defense_lr_grid``, the
+   defense's own learning rate at that radius by the same score; APD's headline K the same way. Every run keeps the epoch with the best clean
    validation metric (early stopping on validation).
 3. Final runs: every method with its chosen settings over all seeds (seed 0 reuses the
    selection run), evaluated on test: clean, random, one-step and multi-step corruption with 10
@@ -135,7 +136,7 @@ class Run:
     def __init__(self, task: Task, spec: Spec, seed: int, out: Path) -> None:
         self.task, self.spec, self.seed = task, spec, seed
         self.folder = out / "cache" / task.name / spec.name() / f"seed{seed}"
-        self.key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "spec": spec.key(), "seed": seed})
+        self.key = cache.config_hash({"schema": SCHEMA, "task": task.run_config(), "spec": spec.key(), "seed": seed})
         self._model: Optional[nn.Module] = None
 
     def model(self) -> nn.Module:
@@ -302,9 +303,17 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     plain = pick("lr", [Spec("plain", lr) for lr in task.lr_grid], lambda v: _oriented(task, v["clean"]), list(task.lr_grid))
     lr = plain.lr
     robust = lambda v: v["score"]  # noqa: E731
-    eps_of = lambda method, steps=0, clean=True: pick(  # noqa: E731
-        f"{method}{steps or ''}{'' if clean else '_noclean'}_eps",
-        [Spec(method, lr, e, steps, clean) for e in task.eps_grid], robust, list(task.eps_grid))
+
+    def defense(what: str, specs: list[Spec], radii: list) -> Spec:
+        """The radius at plain's learning rate, then (``defense_lr_grid``) the rate at that radius."""
+        spec = pick(f"{what}_rho" if what == "sam" else f"{what}_eps", specs, robust, radii)
+        if task.defense_lr_grid:
+            rates = [lr, *(r for r in task.defense_lr_grid if r != lr)]
+            spec = pick(f"{what}_lr", [replace(spec, lr=r) for r in rates], robust, rates)
+        return spec
+
+    eps_of = lambda method, steps=0: defense(  # noqa: E731
+        f"{method}{steps or ''}", [Spec(method, lr, e, steps) for e in task.eps_grid], list(task.eps_grid))
     specs: dict[str, Spec] = {"plain": plain}
     if "one_step" in methods:
         specs["one_step"] = eps_of("one_step")
@@ -313,7 +322,7 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     if "sam" in methods:  # absolute rho spanning the layer-relative radii: eps * ||w|| of trained plain
         w = _norm(Run(task, plain, 0, out).model())
         rhos = [round(e * w, 6) for e in task.eps_grid]
-        specs["sam"] = pick("sam_rho", [Spec("sam", lr, r) for r in rhos], robust, rhos)
+        specs["sam"] = defense("sam", [Spec("sam", lr, r) for r in rhos], rhos)
         record["sam_rho"]["plain_weight_norm"] = w
     if methods == ("plain",):  # plain training alone (e.g. to see first whether a task can mean anything)
         return specs, record
@@ -323,11 +332,12 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     if "apd3_noclean" in methods:
         specs["apd3_noclean"] = replace(specs["apd3"], include_clean=False)
     heads = [k for k in task.k_grid]
-    scores = [record[f"apd{k}_eps"]["validation"][record[f"apd{k}_eps"]["candidates"].index(specs[f"apd{k}"].eps)]
+    scores = [robust(Run(task, specs[f"apd{k}"], 0, out).cached("valid", lambda m: validation_score(task, m)))
               for k in heads]
     head = heads[max(range(len(heads)), key=lambda i: scores[i])]
     record["headline_k"] = {"candidates": heads, "validation": scores, "pick": head, "selected_on": "validation",
-                            "criterion": "validation robustness score of each K at its chosen eps"}
+                            "criterion": "validation robustness score of each K at its chosen eps"
+                                         + (" and learning rate" if task.defense_lr_grid else "")}
     specs["apd"] = specs[f"apd{head}"]
     if "plain_matched" in methods:
         specs["plain_matched"] = replace(plain, epochs_factor=specs["apd"].passes)
@@ -341,7 +351,7 @@ def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"methods must be among {sorted(METHODS)}, got {unknown}")
-    ref_key = cache.config_hash({"schema": SCHEMA, "task": task.config(), "references": True})
+    ref_key = cache.config_hash({"schema": SCHEMA, "task": task.run_config(), "references": True})
     ref_path = out / "cache" / task.name / "references.json"
     references = cache.load(ref_path, ref_key)
     if references is None:
