@@ -699,3 +699,23 @@ def test_reproduce_report_keeps_tasks_run_earlier_into_the_same_folder(tmp_path,
     (tmp_path / "results.json").write_text("{truncated")
     assert cli._kept_tasks(tmp_path / "results.json", ["digits"]) == {}
     assert cli._kept_tasks(tmp_path / "missing.json", ["digits"]) == {}
+
+
+def test_reproduce_keeps_a_task_that_finished_into_the_folder_while_it_ran(tmp_path, monkeypatch):
+    """Two tasks run side by side into one folder: the one that finishes last still keeps the
+    other's results (results.json is read when the report is written, not at the start)."""
+    import parashield.reproduce as reproduce
+    from parashield import cli
+
+    written = {}
+
+    def fake_run(task, methods, seeds, out):  # meanwhile another process finished bbc
+        (tmp_path / "results.json").write_text(json.dumps({"tasks": {"bbc": {"runs": [], "x": 2}}}))
+        return {"runs": []}
+
+    monkeypatch.setattr(reproduce, "run_task", fake_run)
+    monkeypatch.setattr(reproduce, "write_report", lambda results, out: written.update(results) or tmp_path / "r.md")
+    monkeypatch.setattr(cli, "load_task", lambda name, quick: type("T", (), {"seeds": 1, "methods": None})())
+    (tmp_path / "r.md").write_text("report")
+    assert main(["reproduce", "--task", "digits", "--out", str(tmp_path)]) == 0
+    assert set(written["tasks"]) == {"bbc", "digits"} and written["tasks"]["bbc"]["x"] == 2

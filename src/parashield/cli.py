@@ -64,10 +64,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     chosen = args.methods or (QUICK_METHODS if args.quick else None)
     out = Path(args.out)
     command = " ".join(["parashield", *sys.argv[1:]])
-    kept = {} if args.quick else _kept_tasks(out / "results.json", names)
-    if kept:
-        print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
-    results = {"tasks": dict(kept), "command": command, "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
+    results = {"tasks": {}, "command": command, "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
     for name in names:
         task = load_task(name, quick=args.quick)
         t0 = time.perf_counter()
@@ -76,6 +73,11 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         results["tasks"][name]["command"] = command
         results["wall_seconds"][name] = time.perf_counter() - t0
         print(f"{name}: {results['wall_seconds'][name]:.0f} s")
+    # read when writing, so that tasks run side by side into one folder keep each other's results
+    kept = {} if args.quick else _kept_tasks(out / "results.json", names)
+    if kept:
+        print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
+    results["tasks"] = {**kept, **results["tasks"]}
     report = write_report(results, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'results.json'} and plots")
