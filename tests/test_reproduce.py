@@ -375,11 +375,14 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
         runs = res["equal_compute"]
         assert {r["k"] for r in runs} == {1, task.k_grid[0]} and len({r["compute"] for r in runs}) == 1
         assert "APD's K at equal compute" in text and data["tasks"][name]["equal_compute_comparisons"][0]["a"] == task.k_grid[0]
-    if task.linf_defense:  # the headline K again with the L-inf budget, compared under the ablation budgets
-        sel = res["linf_defense"]["selection"]
-        assert sel["selected_on"] == "validation" and sel["spec"]["norm"] == "linf"
-        assert {c["b"] for c in data["tasks"][name]["linf_defense_comparisons"]} == {"plain", res["headline"]}
-        assert "APD trained with an L-inf budget" in text
+    # the headline K again with other budget shapes, compared under the ablation budgets
+    assert set(res.get("shaped_defenses", {})) == set(task.shaped_defenses)
+    for method, d in res.get("shaped_defenses", {}).items():
+        sel, spec = d["selection"], d["selection"]["spec"]
+        assert sel["selected_on"] == "validation" and spec["steps"] == int(res["headline"][3:])
+        assert (spec["norm"], spec["sparsity"] is None) == {"apd_linf": ("linf", True), "apd_sparse": ("l2", False)}[method]
+        assert {c["b"] for c in data["tasks"][name]["shaped_defense_comparisons"][method]} == {"plain", res["headline"]}
+        assert d["label"] in text
     ablation = [f"{r['budget']} eps {r['eps']}" for r in res["budget_ablation"][0]["rows"]]
     assert ablation[0].startswith("linf layer")
     comps = data["tasks"][name]["budget_comparisons"]
@@ -425,14 +428,18 @@ def test_equal_compute_comparisons_decide_both_ways_and_exclude_chance(gain, cal
     assert c["clean"]["call"] == call
 
 
-def test_the_defense_budget_norm_reaches_the_optimizer_and_keeps_old_cache_keys():
+def test_the_defense_budget_shape_reaches_the_optimizer_and_keeps_old_cache_keys():
+    from parashield.budget import Budget
     from parashield.reproduce.runner import Spec, build_optimizer
 
     task = _task("digits")
     spec = Spec("apd", 0.02, 0.1, 2, norm="linf")
-    assert build_optimizer(spec, task.build_model(), task).budget.norm == "linf"
-    assert "norm" not in Spec("apd", 0.02, 0.1, 2).key() and spec.key()["norm"] == "linf"
-    assert spec.name() == "apd_lr0.02_eps0.1_K2_linf"
+    assert build_optimizer(spec, task.build_model(), task).budget == Budget("linf", 0.1, scale="layer")
+    sparse = Spec("apd", 0.02, 1.5, 2, sparsity=170)
+    assert build_optimizer(sparse, task.build_model(), task).budget == Budget("l2", 1.5, sparsity=170)
+    assert {"norm", "sparsity"}.isdisjoint(Spec("apd", 0.02, 0.1, 2).key())
+    assert spec.key()["norm"] == "linf" and sparse.key()["sparsity"] == 170
+    assert spec.name() == "apd_lr0.02_eps0.1_K2_linf" and sparse.name() == "apd_lr0.02_eps1.5_K2_n170"
 
 
 def test_a_run_collapsed_to_chance_counts_for_clean_but_not_for_robustness():

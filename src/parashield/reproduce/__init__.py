@@ -24,10 +24,10 @@ def run_task(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Pa
         result["bitflips"] = run_bitflips(task, result, out)
         result["bitflip_config"] = task.bitflips
     result["budget_ablation"] = run_budget_ablation(task, result, out)
-    if task.linf_defense:
-        from .linf_defense import run_linf_defense
+    if task.shaped_defenses:
+        from .shaped_defense import run_shaped_defenses
 
-        result["linf_defense"] = run_linf_defense(task, result, out)
+        result["shaped_defenses"] = run_shaped_defenses(task, result, out)
     if task.equal_compute:
         from .equal_compute import run_equal_compute
 

@@ -347,14 +347,12 @@ def budget_comparisons(tr: dict) -> list[dict]:
     return _ablation_pairs(tr, tr.get("budget_ablation") or [], tr["headline"], list(CONTROLS))
 
 
-def linf_defense_comparisons(tr: dict) -> list[dict]:
-    """APD trained with the L-inf budget against plain training and the L2-trained headline APD,
-    under the ablation budgets (see _ablation_pairs)."""
-    ld = tr.get("linf_defense")
-    if not ld:
-        return []
-    return _ablation_pairs(tr, [*(tr.get("budget_ablation") or []), *ld["runs"]], "apd_linf",
-                           ["plain", tr["headline"]])
+def shaped_defense_comparisons(tr: dict) -> dict[str, list[dict]]:
+    """Each APD trained with another budget shape against plain training and the L2-trained
+    headline APD, under the ablation budgets (see _ablation_pairs); by shaped method."""
+    ablation = tr.get("budget_ablation") or []
+    return {m: _ablation_pairs(tr, [*ablation, *d["runs"]], m, ["plain", tr["headline"]])
+            for m, d in (tr.get("shaped_defenses") or {}).items()}
 
 
 def equal_compute_comparisons(tr: dict) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from .cache import write_json
 from .findings import (bitflip_comparisons, budget_comparisons, decide, equal_compute_comparisons, evals,
-                       linf_defense_comparisons)
+                       shaped_defense_comparisons)
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -136,8 +136,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     lines += _layers_markdown(tr)
     if tr.get("budget_comparisons"):
         lines += _budget_markdown(tr)
-    if tr.get("linf_defense_comparisons"):
-        lines += _linf_defense_markdown(tr)
+    for method, comps in (tr.get("shaped_defense_comparisons") or {}).items():
+        lines += _shaped_defense_markdown(tr, method, comps)
     if tr.get("hessian_density"):
         lines += ["#### Hessian spectrum (seed 0, attack data, stochastic Lanczos quadrature)", "",
                   "| method | largest Ritz value | smallest | mass below 0 |", "|---|---|---|---|"]
@@ -220,15 +220,21 @@ def _equal_compute_markdown(tr: dict) -> list[str]:
     return lines + [""]
 
 
-def _linf_defense_markdown(tr: dict) -> list[str]:
-    sel = tr["linf_defense"]["selection"]
-    lines = ["#### APD trained with an L-inf budget", "",
-             f"The headline APD (K={sel['spec']['steps']}) trained with ||a_l||_inf <= eps ||w_l||_inf; eps chosen on "
-             f"validation under L-inf corruption from {', '.join(map(str, sel['candidates']))} (scores "
+#: how each shaped defense's budget reads in the report
+_SHAPE_BUDGETS = {"apd_linf": "||a_l||_inf <= eps ||w_l||_inf",
+                  "apd_sparse": "||a||_2 <= eps ||w_plain||_2 on at most 1% of the parameters"}
+
+
+def _shaped_defense_markdown(tr: dict, method: str, comps: list[dict]) -> list[str]:
+    d = tr["shaped_defenses"][method]
+    sel = d["selection"]
+    lines = [f"#### {d['label']}", "",
+             f"The headline APD (K={sel['spec']['steps']}) trained with {_SHAPE_BUDGETS[method]}; eps chosen on "
+             f"validation under corruption of that shape from {', '.join(map(str, sel['candidates']))} (scores "
              f"{', '.join(_fmt(v) for v in sel['validation'])}): **{sel['pick']}**. Measured under the budgets above; "
-             "positive differences favour the L-inf APD.", "",
-             "| against | clean (corrupted-subset) | budget | eps | drop (other - L-inf APD) |", "|---|---|---|---|---|"]
-    for c in tr["linf_defense_comparisons"]:
+             "positive differences favour this APD.", "",
+             "| against | clean (corrupted-subset) | budget | eps | drop (other - this APD) |", "|---|---|---|---|---|"]
+    for c in comps:
         for i, r in enumerate(c["rows"]):
             lines.append(f"| {_label(c['b'])} | {_pair(c['clean']) if i == 0 else ''} | {r['budget']} | {r['eps']} | "
                          f"{_pair(r['drop'])} |")
@@ -415,8 +421,8 @@ def write_report(results: dict, out: Path) -> Path:
             tr["budget_comparisons"] = budget_comparisons(tr)
         if tr.get("equal_compute"):
             tr["equal_compute_comparisons"] = equal_compute_comparisons(tr)
-        if tr.get("linf_defense"):
-            tr["linf_defense_comparisons"] = linf_defense_comparisons(tr)
+        if tr.get("shaped_defenses"):
+            tr["shaped_defense_comparisons"] = shaped_defense_comparisons(tr)
         images = _plots(name, tr, out)
         plotted &= images
         body += task_markdown(name, tr, images)

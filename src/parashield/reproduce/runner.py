@@ -53,11 +53,14 @@ class Spec:
     #: compute-matched runs train this many times the epochs (rounded to whole epochs)
     epochs_factor: float = 1
     norm: str = "l2"  #: the defense budget's norm (layer-relative): "l2" or "linf"
+    #: n-sparse defense budget: at most this many coordinates, ``eps`` an absolute radius
+    sparsity: Optional[int] = None
 
     def key(self) -> dict:
         """The spec in cache keys: a field added after the cache existed enters only when it
         differs from its default, so that earlier runs stay valid."""
-        return {k: v for k, v in asdict(self).items() if not (k == "norm" and v == "l2")}
+        return {k: v for k, v in asdict(self).items() if not (k == "norm" and v == "l2")
+                and not (k == "sparsity" and v is None)}
 
     @property
     def passes(self) -> int:
@@ -81,6 +84,8 @@ class Spec:
             parts.append(f"x{self.epochs_factor:g}")
         if self.norm != "l2":
             parts.append(self.norm)
+        if self.sparsity is not None:
+            parts.append(f"n{self.sparsity}")
         return "_".join(parts)
 
 
@@ -116,7 +121,10 @@ def build_optimizer(spec: Spec, model: nn.Module, task: Task) -> torch.optim.Opt
         return base(params, **kw)
     if spec.method == "sam":
         return SAM(params, base, rho=spec.eps, **kw)
-    budget = Budget(spec.norm, spec.eps, scale="layer")
+    if spec.sparsity is None:
+        budget = Budget(spec.norm, spec.eps, scale="layer")
+    else:
+        budget = Budget(spec.norm, spec.eps, sparsity=spec.sparsity)
     if spec.method == "one_step":
         return OneStepDefense(params, base, budget=budget, **kw)
     if spec.method == "sam_layer":
@@ -216,14 +224,16 @@ def _checkpoint_key(path: Path) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------- evaluations
-def validation_score(task: Task, model: nn.Module, norm: str = "l2") -> dict:
+def validation_score(task: Task, model: nn.Module, budget_at: Optional[Callable[[float], Budget]] = None) -> dict:
     """Clean validation metric and validation metric under the multi-step corruption (computed
-    on the attack data) at every evaluation eps; ``score`` is their oriented mean."""
+    on the attack data) at every evaluation eps; ``score`` is their oriented mean.
+    ``budget_at(eps)`` is the corruption's budget (default: the layer-relative L2 ball)."""
+    budget_at = budget_at or (lambda eps: Budget("l2", eps, scale="layer"))
     attack = Objective(model, task.loss_fn, task.attack_data)
     clean = _metric(task, model, task.valid_data)
     under = []
     for eps in task.eval_eps:
-        res = MultiStepCorruption(Budget(norm, eps, scale="layer"), steps=task.multi_steps)(attack)
+        res = MultiStepCorruption(budget_at(eps), steps=task.multi_steps)(attack)
         with corrupted(model, res):
             under.append(_metric(task, model, task.valid_data))
     values = [_oriented(task, v) for v in [clean, *under]]

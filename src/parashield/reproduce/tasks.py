@@ -69,8 +69,9 @@ class Task:
     density: Optional[bool] = None
     #: APD's K at equal compute (every K trained with the passes of the largest; see equal_compute)
     equal_compute: bool = False
-    #: the headline APD trained again with a layer-relative L-inf budget (see linf_defense)
-    linf_defense: bool = False
+    #: the headline APD trained again with other budget shapes: "apd_linf", "apd_sparse" (see
+    #: shaped_defense)
+    shaped_defenses: tuple = ()
     curvature_iters: int = 20
     #: test batches of the corrupted evaluations (None: all of ``test_data``)
     corrupted_test: Optional[int] = None
@@ -198,7 +199,8 @@ def digits(quick: bool = False) -> Task:
         random_trials=3 if quick else 5,
         info={"train": len(data.y_train), "valid": len(data.y_valid), "test": len(data.y_test),
               "model": "MLP 64-128-64-10, dropout 0.2"},
-        bitflips={**BITFLIPS, "search_flips": 150}, equal_compute=True, linf_defense=True,
+        bitflips={**BITFLIPS, "search_flips": 150}, equal_compute=True,
+        shaped_defenses=("apd_linf", "apd_sparse"),
     )
 
 
