@@ -527,3 +527,13 @@ def test_time_limited_training_stops_at_an_epoch_boundary_and_resumes_to_the_sam
     assert len(resumed.log["epochs"]) == 4
     for a, b in zip(whole.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_picks_at_the_edge_of_a_grid_are_flagged():
+    from parashield.reproduce.report import _at_grid_edge
+
+    assert _at_grid_edge({"candidates": [0.01, 0.02, 0.05, 0.1], "pick": 0.1})
+    assert _at_grid_edge({"candidates": [3, 2, 5], "pick": 2})
+    assert not _at_grid_edge({"candidates": [0.01, 0.02, 0.05, 0.1], "pick": 0.05})
+    assert not _at_grid_edge({"candidates": [0.01, 0.02], "pick": 0.02})  # two values have no middle
+    assert not _at_grid_edge({"candidates": ["a", "b", "c"], "pick": "a"})

@@ -71,9 +71,15 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     lines += ["", f"**Status: {'meaningful' if st['meaningful'] else 'NOT MEANINGFUL'}** (the plain network "
               f"{'beats' if st['meaningful'] else 'does not beat'} every reference).", ""]
     lines += ["### Choices made on validation (seed 0)", "", "| choice | candidates | validation score | pick |", "|---|---|---|---|"]
+    edges = []
     for what, s in tr["selection"].items():
+        edge = _at_grid_edge(s)
+        edges += [what] if edge else []
         lines.append(f"| {what} | {', '.join(map(str, s['candidates']))} | "
-                     f"{', '.join(_fmt(v) for v in s['validation'])} | **{s['pick']}** |")
+                     f"{', '.join(_fmt(v) for v in s['validation'])} | **{s['pick']}**{' (edge)' if edge else ''} |")
+    if edges:
+        lines += ["", f"Picked at the edge of a grid of three or more values (a wider grid might pick further out): "
+                      f"{', '.join(edges)}."]
     lines += ["", "Scores: clean validation metric for the learning rate; otherwise the mean (oriented) validation metric "
               "clean and under the 10-step corruption at every evaluation eps. SAM's rho grid is the defenses' eps grid times "
               "the plain model's weight norm, so that it spans APD's radius. APD includes the clean loss in its average "
@@ -225,13 +231,22 @@ _SHAPE_BUDGETS = {"apd_linf": "||a_l||_inf <= eps ||w_l||_inf",
                   "apd_sparse": "||a||_2 <= eps ||w_plain||_2 on at most 1% of the parameters"}
 
 
+def _at_grid_edge(choice: dict) -> bool:
+    """Whether a numeric pick is the smallest or largest of three or more candidates."""
+    values = choice.get("candidates") or []
+    if len(values) < 3 or not all(isinstance(v, (int, float)) for v in values):
+        return False
+    return choice["pick"] in (min(values), max(values))
+
+
 def _shaped_defense_markdown(tr: dict, method: str, comps: list[dict]) -> list[str]:
     d = tr["shaped_defenses"][method]
     sel = d["selection"]
     lines = [f"#### {d['label']}", "",
              f"The headline APD (K={sel['spec']['steps']}) trained with {_SHAPE_BUDGETS[method]}; eps chosen on "
              f"validation under corruption of that shape from {', '.join(map(str, sel['candidates']))} (scores "
-             f"{', '.join(_fmt(v) for v in sel['validation'])}): **{sel['pick']}**. Measured under the budgets above; "
+             f"{', '.join(_fmt(v) for v in sel['validation'])}): **{sel['pick']}**"
+             f"{' (the edge of the grid)' if _at_grid_edge(sel) else ''}. Measured under the budgets above; "
              "positive differences favour this APD.", "",
              "| against | clean (corrupted-subset) | budget | eps | drop (other - this APD) |", "|---|---|---|---|---|"]
     for c in comps:
