@@ -496,6 +496,17 @@ def test_shift_flip_moves_each_image_within_its_padding_and_mirrors_about_half()
     where = [divmod(int(o.flatten().argmax()), 9) for o in out]
     assert all(float(o.sum()) == 1.0 for o in out)  # never pushed out of the image here
     assert {r for r, _ in where} == {2, 3, 4, 5, 6} and {c for _, c in where} == set(range(1, 8))
+    dark = torch.full((64, 1, 6, 6), -0.8)  # a standardized black image: the fill is the background
+    shifted, _ = _shift_flip((dark, None), gen, pad=2, fill=-0.8)
+    assert torch.equal(shifted, dark)
+
+
+def test_fashion_gpu_augmentation_fills_with_the_standardized_background():
+    task = _task("fashion", profile="gpu")
+    x, _ = task.train_epoch(torch.Generator().manual_seed(0))[0]
+    background = float(x.min())
+    assert background < -0.5 and not bool((x == 0).any())  # a 0 fill would be the mean grey, in no real image
+    assert float((x == background).float().mean()) > 0.5
 
 
 def test_task_on_a_device_moves_data_and_models_and_keeps_the_batch_order():
@@ -504,11 +515,22 @@ def test_task_on_a_device_moves_data_and_models_and_keeps_the_batch_order():
     assert task.on("cpu") is task
     assert all(b[0].device.type == "meta" for b in meta.attack_data + meta.valid_data + meta.test_data)
     assert all(p.device.type == "meta" for p in meta.build_model().parameters())
-    cpu_epoch = task.train_epoch(torch.Generator().manual_seed(3))
-    meta_epoch = list(meta.train_epoch(torch.Generator().manual_seed(3)))
-    assert [b[0].shape for b in meta_epoch] == [b[0].shape for b in cpu_epoch]
-    assert all(b[1].device.type == "meta" for b in meta_epoch)
+    assert all(b[1].device.type == "meta" for b in meta.train_epoch(torch.Generator().manual_seed(3)))
     assert meta.run_config() == task.run_config()  # the device keys nothing: runs move between devices
+
+
+def test_task_on_a_device_draws_the_same_batches_in_the_same_order(monkeypatch):
+    import parashield.objective as objective
+
+    moved = []
+    monkeypatch.setattr(objective, "to_device", lambda b, device: moved.append(b) or b)
+    task = _task()
+    other = task.on("meta")  # every transfer is recorded and left on the CPU
+    cpu_epoch = task.train_epoch(torch.Generator().manual_seed(3))
+    moved.clear()
+    epoch = list(other.train_epoch(torch.Generator().manual_seed(3)))
+    assert len(epoch) == len(cpu_epoch) == len(moved)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(epoch, cpu_epoch))
 
 
 def test_time_limited_training_stops_at_an_epoch_boundary_and_resumes_to_the_same_model(tiny, tmp_path, monkeypatch):
@@ -521,12 +543,25 @@ def test_time_limited_training_stops_at_an_epoch_boundary_and_resumes_to_the_sam
     monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
     with runner.time_limit(2.5), pytest.raises(runner.TimeLimitReached, match="before epoch 3 .* 2 epochs"):
         runner.Run(task, spec, 0, tmp_path / "sliced").model()
+    clock = iter(range(100))
+    monkeypatch.setattr(runner.time, "monotonic", lambda: next(clock))
+    with runner.time_limit(0.5), pytest.raises(runner.TimeLimitReached, match="before computing .*eval.json"):
+        runner.Run(task, spec, 0, tmp_path / "whole").cached("eval", lambda m: {"x": 1})  # trained: only the evaluation is left
+    assert not (tmp_path / "whole" / "cache").exists() or not list((tmp_path / "whole").rglob("eval.json"))
     monkeypatch.undo()
     resumed = runner.Run(task, spec, 0, tmp_path / "sliced")
     model = resumed.model()
     assert len(resumed.log["epochs"]) == 4
     for a, b in zip(whole.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_results_json_from_before_the_sparse_defense_keeps_its_linf_section(tiny, tmp_path):
+    res = run_task(dataclasses.replace(tiny, shaped_defenses=("apd_linf",)), ("plain", "apd2"), 3, tmp_path)
+    old = {k: v for k, v in res.items() if k != "shaped_defenses"}
+    old["linf_defense"] = {k: v for k, v in res["shaped_defenses"]["apd_linf"].items() if k != "label"}
+    text = write_report({"tasks": {"digits": old}}, tmp_path).read_text()
+    assert "APD trained with an L-inf budget" in text
 
 
 def test_picks_at_the_edge_of_a_grid_are_flagged():

@@ -82,12 +82,14 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             results["tasks"][task.name] = {**result, "command": command}
             results["wall_seconds"][task.name] = time.perf_counter() - t0
             print(f"{task.name}: {results['wall_seconds'][task.name]:.0f} s")
-    # read when writing, so that tasks run side by side into one folder keep each other's results
-    kept = {} if args.quick else _kept_tasks(out / "results.json", list(results["tasks"]))
-    if kept:
-        print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
-    results["tasks"] = {**kept, **results["tasks"]}
-    report = write_report(results, out)
+    from .reproduce.cache import locked
+
+    with locked(out):  # read when writing, so that tasks run side by side into one folder keep each other's results
+        kept = {} if args.quick else _kept_tasks(out / "results.json", list(results["tasks"]))
+        if kept:
+            print(f"the report keeps the earlier results of {', '.join(sorted(kept))} from {out / 'results.json'}")
+        results["tasks"] = {**kept, **results["tasks"]}
+        report = write_report(results, out)
     print(report.read_text())
     print(f"wrote {report}, {out / 'results.json'} and plots")
     return 0

@@ -80,7 +80,7 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     if edges:
         lines += ["", f"Picked at the edge of a grid of three or more values (a wider grid might pick further out): "
                       f"{', '.join(edges)}."]
-    lines += ["", "Scores: clean validation metric for the learning rate; otherwise the mean (oriented) validation metric "
+    lines += ["", "Scores: clean validation metric for plain training's learning rate (`lr`); otherwise the mean (oriented) validation metric "
               "clean and under the 10-step corruption at every evaluation eps. SAM's rho grid is the defenses' eps grid times "
               "the plain model's weight norm, so that it spans APD's radius. APD includes the clean loss in its average "
               "unless the method says otherwise.", ""]
@@ -436,6 +436,8 @@ def write_report(results: dict, out: Path) -> Path:
             tr["budget_comparisons"] = budget_comparisons(tr)
         if tr.get("equal_compute"):
             tr["equal_compute_comparisons"] = equal_compute_comparisons(tr)
+        if "linf_defense" in tr and "shaped_defenses" not in tr:  # a results.json from before the n-sparse defense
+            tr["shaped_defenses"] = {"apd_linf": {"label": "APD trained with an L-inf budget", **tr.pop("linf_defense")}}
         if tr.get("shaped_defenses"):
             tr["shaped_defense_comparisons"] = shaped_defense_comparisons(tr)
         images = _plots(name, tr, out)

@@ -52,9 +52,10 @@ _deadline: Optional[float] = None  #: time.monotonic() after which no training e
 
 @contextmanager
 def time_limit(seconds: Optional[float]) -> Iterator[None]:
-    """Within the block, no training epoch starts once ``seconds`` have passed (None: no limit):
-    :class:`TimeLimitReached` is raised instead, so that long runs proceed in slices (a GPU lent
-    for minutes at a time). Evaluations of trained models are not cut."""
+    """Within the block, no training epoch and no cached evaluation starts once ``seconds`` have
+    passed (None: no limit): :class:`TimeLimitReached` is raised instead, so that long runs
+    proceed in slices (a GPU lent for minutes at a time). Work already started (an epoch, one
+    evaluation) runs to its end and is saved."""
     global _deadline
     before = _deadline
     _deadline = None if seconds is None else time.monotonic() + seconds
@@ -62,6 +63,11 @@ def time_limit(seconds: Optional[float]) -> Iterator[None]:
         yield
     finally:
         _deadline = before
+
+
+def _check_deadline(where: str) -> None:
+    if _deadline is not None and time.monotonic() >= _deadline:
+        raise TimeLimitReached(f"time limit reached {where}")
 
 
 @dataclass(frozen=True)
@@ -194,9 +200,8 @@ class Run:
             log, start = extra["log"], extra["epoch"]
         for epoch in progress(range(start, epochs), desc=f"{task.name}/{spec.name()}/seed{self.seed}", initial=start,
                               total=epochs, unit="epoch"):
-            if _deadline is not None and time.monotonic() >= _deadline:
-                raise TimeLimitReached(f"time limit reached before epoch {epoch + 1} of {self.folder}; "
-                                       f"{epoch} epochs are checkpointed and the same command resumes there")
+            _check_deadline(f"before epoch {epoch + 1} of {self.folder}; {epoch} epochs are checkpointed and the same "
+                            "command resumes there")
             gen = torch.Generator().manual_seed(self.seed * 1000 + epoch)
             model.train()
             t0 = time.perf_counter()
@@ -234,6 +239,7 @@ class Run:
         with cache.locked(self.folder):
             data = cache.load(path, key)  # another process may have finished it meanwhile
             if data is None:
+                _check_deadline(f"before computing {path}")
                 if self._model is None:
                     self._model = self._train()
                 t0 = time.perf_counter()

@@ -239,8 +239,8 @@ def fashion(quick: bool = False, profile: str = "cpu") -> Task:
             k_grid=(2, 3), eval_eps=(0.005, 0.01, 0.02, 0.05), corrupted_test=5, curvature=False, density=True,
             seeds=5, info={**sizes, "model": "ResNet widths (32, 64, 128), 2 blocks per stage, shift/flip augmentation"},
             bitflips={**BITFLIPS, "search_flips": 30})
-        epoch = task.train_epoch
-        return replace(task, train_epoch=lambda gen: [_shift_flip(b, gen) for b in epoch(gen)])
+        epoch, background = task.train_epoch, float(data.x_train.min())  # black, as standardized
+        return replace(task, train_epoch=lambda gen: [_shift_flip(b, gen, fill=background) for b in epoch(gen)])
     return _classification(
         "fashion", data, lambda: SmallCNN(num_classes=10), 128, _linear_references(data),
         # sized for 2 CPU cores: one learning rate, two radii and K = 2 (a full run still takes
@@ -255,12 +255,13 @@ def fashion(quick: bool = False, profile: str = "cpu") -> Task:
     )
 
 
-def _shift_flip(batch: Batch, gen: torch.Generator, pad: int = 2) -> Batch:
-    """Training augmentation for small images: each image shifted by up to ``pad`` pixels (zero
-    fill) and flipped left-right with probability 1/2, drawn from ``gen``."""
+def _shift_flip(batch: Batch, gen: torch.Generator, pad: int = 2, fill: float = 0.0) -> Batch:
+    """Training augmentation for small images: each image shifted by up to ``pad`` pixels (the
+    uncovered border filled with ``fill``, the background's value) and flipped left-right with
+    probability 1/2, drawn from ``gen``."""
     x, y = batch
     b, _, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
+    padded = F.pad(x, (pad, pad, pad, pad), value=fill)
     dy, dx = (torch.randint(0, 2 * pad + 1, (b, 1), generator=gen) for _ in range(2))
     flip = torch.rand(b, generator=gen) < 0.5
     cols = torch.where(flip[:, None], torch.arange(w - 1, -1, -1), torch.arange(w)) + dx
