@@ -630,8 +630,32 @@ def test_top_n_over_many_tensors_matches_a_sort(n, ties):
     out = [x.clone() for x in xs]
     _keep_top_n_(out, torch._foreach_abs(out), n)
     assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)
+    out = [x.clone() for x in xs]  # scores computed block by block from the values
+    _keep_top_n_(out, torch.abs, n)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)
     # Non-contiguous tensors (a transposed view) are written through their strides.
     out = [x.t().contiguous().t() if x.dim() == 2 else x.clone() for x in xs]
     assert not out[0].is_contiguous()
     _keep_top_n_(out, torch._foreach_abs(out), n)
     assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)
+    out = [x.t().contiguous().t() if x.dim() == 2 else x.clone() for x in xs]
+    _keep_top_n_(out, torch.abs, n)
+    assert torch.equal(torch.cat([o.reshape(-1) for o in out]), expected)
+
+
+@pytest.mark.parametrize("size", [1000, 1_200_000])
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_top_n_keeps_nan_scores_first(size, blockwise):
+    """A NaN compares False with every threshold; it must still count as the largest score (a
+    NaN corruption is reported, never silently dropped)."""
+    from parashield.budget import _keep_top_n_
+
+    x = torch.randn(size, generator=torch.Generator().manual_seed(1))
+    nan_at = torch.tensor([5, 77, size - 1])
+    x[nan_at] = float("nan")
+    n = 10
+    out = [x.clone()]
+    _keep_top_n_(out, torch.abs if blockwise else [x.abs()], n)
+    kept = torch.nonzero(out[0].isnan() | (out[0] != 0)).squeeze(1)
+    finite_top = torch.sort(-torch.nan_to_num(x.abs(), nan=-1.0), stable=True).indices[: n - 3]
+    assert kept.tolist() == sorted([*nan_at.tolist(), *finite_top.tolist()])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections import abc
 from dataclasses import dataclass, replace
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -111,39 +111,59 @@ def _unflat_(ts: Sequence[Tensor], flat: Tensor) -> None:
         offset += n
 
 
-def _top_n_indices(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
-    """Flat (row-major) indices, one sorted tensor per entry of ``scores``, of the n largest
-    scores over all of them, ties broken by position (tensor by tensor); None when n covers
-    everything.
+#: entries per block when scores are computed block by block on the CPU: a block's scores and
+#: mask are small reused allocations instead of tensors the size of the parameters (whose page
+#: faults cost more there than the arithmetic)
+_BLOCK = 1 << 18
+
+Scores = Union[Sequence[Tensor], Callable[[Tensor], Tensor]]
+
+
+def _blocks(f: Tensor) -> Iterator[tuple[int, Tensor]]:
+    step = _BLOCK if f.device.type == "cpu" else max(f.numel(), 1)
+    for i in range(0, f.numel(), step):
+        yield i, f[i : i + step]
+
+
+def _top_n_indices(ts: Sequence[Tensor], n: int, score: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[list[Tensor]]:
+    """Flat (row-major) indices, one sorted tensor per entry of ``ts``, of the n largest scores
+    over all of them, ties broken by position (tensor by tensor); None when n covers everything.
+    ``score`` maps values (any block of a flattened tensor) to their scores; None: ``ts`` are
+    the scores.
 
     Selection by threshold, not by sorting: on more than a million entries the n-th largest
     value comes from ``kthvalue`` on the candidates above a threshold estimated on a strided
     sample (about 2n of them), with an exact fallback when the sample underestimates. Full-size
-    work: one comparison per entry and one compaction; the rest runs on the ~2n candidates.
+    work: one pass that scores each block and compacts the candidates above the threshold; the
+    rest runs on the ~2n candidates. A NaN score ranks above every number.
     """
-    flats = [t.reshape(-1) for t in scores]
+    flats = [t.reshape(-1) for t in ts]
     k = sum(f.numel() for f in flats)
     if n >= k:
         return None
+    # NaN scores rank above everything (a NaN corruption must surface, not vanish): candidates
+    # are the entries *not below* a threshold, and NaN counts as +inf wherever values are ranked
+    scored = score or (lambda v: v)
+    ranked = lambda v: torch.nan_to_num(scored(v), nan=math.inf)  # noqa: E731
 
     def above(low: Tensor) -> tuple[list[Tensor], Tensor]:
-        idx = [torch.nonzero(f >= low).squeeze(1) for f in flats]
-        return idx, torch.cat([f[i] for f, i in zip(flats, idx)])
+        idx = []
+        for f in flats:
+            parts = [torch.nonzero(~(scored(block) < low)).squeeze(1) + i for i, block in _blocks(f)]
+            idx.append(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return idx, torch.cat([ranked(f[i]) for f, i in zip(flats, idx)])
 
     idx = None
     if k > 1_000_000:
         stride = k // 100_000
-        sample = torch.cat([f[::stride] for f in flats])
+        sample = torch.cat([ranked(f[::stride]) for f in flats])
         m = sample.numel()
         r = min(m, int(2 * n * m / k) + 16)  # rank in the sample that leaves ~2n candidates above
         idx, values = above(torch.kthvalue(sample, m - r + 1).values)
         if values.numel() < n:
             idx = None
     if idx is None:
-        idx, values = above(torch.kthvalue(flats[0] if len(flats) == 1 else torch.cat(flats), k - n + 1).values)
-    if values.numel() < n:  # NaN scores: they rank above everything yet compare False; keep them first
-        flats = [torch.nan_to_num(f, nan=math.inf) for f in flats]
-        idx, values = above(torch.kthvalue(torch.cat(flats), k - n + 1).values)
+        idx, values = above(torch.kthvalue(torch.cat([ranked(f) for f in flats]), k - n + 1).values)
     thr = torch.kthvalue(values, values.numel() - n + 1).values
     keep = values >= thr
     if values.numel() > n:  # drop the candidates below thr and, where values repeat at thr, the last ties
@@ -152,11 +172,13 @@ def _top_n_indices(scores: Sequence[Tensor], n: int) -> Optional[list[Tensor]]:
     return [i[kp] for i, kp in zip(idx, keep.split([len(i) for i in idx]))]
 
 
-def _keep_top_n_(ts: Sequence[Tensor], scores: Sequence[Tensor], n: int,
+def _keep_top_n_(ts: Sequence[Tensor], scores: Scores, n: int,
                  transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
-    """Zero, in place, every entry of ``ts`` outside the n largest ``scores``; ``transform``
-    maps the kept values (all tensors' concatenated, a short vector) to what is written back."""
-    kept = _top_n_indices(scores, n)
+    """Zero, in place, every entry of ``ts`` outside the n largest scores; ``scores`` is one
+    tensor per entry of ``ts`` or a function computing the scores of values (then computed block
+    by block, never as full-size tensors). ``transform`` maps the kept values (all tensors'
+    concatenated, a short vector) to what is written back."""
+    kept = _top_n_indices(ts, n, scores) if callable(scores) else _top_n_indices(scores, n)
     if kept is None:
         if transform is not None:
             _unflat_(ts, transform(_flat(ts)))
@@ -330,7 +352,7 @@ class Budget:
         if s is not None:
             torch._foreach_mul_(grads, s)
         if self.sparsity is not None:
-            _keep_top_n_(grads, torch._foreach_abs(grads), self.sparsity)
+            _keep_top_n_(grads, torch.abs, self.sparsity)
         if self.scale == "layer":
             radii = self._layer_radii(params, r)
             if self.norm == "linf":
@@ -406,17 +428,11 @@ class Budget:
                 torch._foreach_mul_(deltas, _shrink_factor(r, _global_norm(deltas, 2.0)))
             return deltas
         if s is None and self.norm != "l1":  # n-sparse L2 / L-inf ball: in place, no flat copy
-            scores = torch._foreach_abs(deltas)
             if self.norm == "linf":  # saving of keeping a_i: a_i^2 - (|a_i| - r)_+^2
-                over = torch._foreach_sub(scores, r)
-                torch._foreach_clamp_min_(over, 0.0)
-                torch._foreach_mul_(over, over)
-                torch._foreach_mul_(scores, scores)
-                torch._foreach_sub_(scores, over)
-                del over
-                _keep_top_n_(deltas, scores, self.sparsity, lambda v: v.clamp(-r, r))
+                _keep_top_n_(deltas, lambda v: v * v - (v.abs() - r).clamp_min(0).square(), self.sparsity,
+                             lambda v: v.clamp(-r, r))
             else:  # the norm of the kept values: no pass over the full tensors
-                _keep_top_n_(deltas, scores, self.sparsity,
+                _keep_top_n_(deltas, torch.abs, self.sparsity,
                              lambda v: v * _shrink_factor(r, torch.linalg.vector_norm(v)))
             return deltas
         flat = _flat(deltas)
