@@ -218,7 +218,7 @@ def test_logistic_regression_reference_on_digits():
 
 # ---------------------------------------------------------------------------- protocol
 def test_poisoned_test_split_changes_no_choice(tiny, tmp_path):
-    tiny = dataclasses.replace(tiny, defense_lr_grid=(0.01,))
+    tiny = dataclasses.replace(tiny, per_method_lrs=(0.01,))
     clean = run(tiny, ("plain", "sam", "apd2"), 1, tmp_path / "a")
     x, y = tiny.test_data[0]
     poisoned = dataclasses.replace(tiny, test_data=[(torch.randn_like(x) * 100, (y + 1) % 10)])
@@ -228,21 +228,24 @@ def test_poisoned_test_split_changes_no_choice(tiny, tmp_path):
     assert [r["eval"]["clean"]["metric"] for r in bad["runs"]] != [r["eval"]["clean"]["metric"] for r in clean["runs"]]
 
 
-def test_each_defense_picks_its_learning_rate_on_validation_at_its_radius(tiny, tmp_path):
+def test_every_method_picks_its_learning_rate_on_validation(tiny, tmp_path):
     from parashield.reproduce.runner import Run, Spec
 
-    task = dataclasses.replace(tiny, defense_lr_grid=(0.01, tiny.lr_grid[0]))
+    task = dataclasses.replace(tiny, per_method_lrs=(0.01, tiny.lr_grid[0]))
     res = run(task, ("plain", "one_step", "sam", "apd2"), 1, tmp_path)
     sel, plain_lr = res["selection"], res["selection"]["lr"]["pick"]
+    rates = [tiny.lr_grid[0], 0.01]  # lr_grid, then the per-method rates not in it
+    assert sel["lr"]["candidates"] == rates and plain_lr == rates[sel["lr"]["validation"].index(max(sel["lr"]["validation"]))]
     specs = {r["method"]: r["spec"] for r in res["runs"]}
+    assert specs["plain"]["lr"] == plain_lr
     for what, method, radius in (("one_step", "one_step", "eps"), ("sam", "sam", "rho"), ("apd2", "apd2", "eps")):
         lr = sel[f"{what}_lr"]
-        assert lr["candidates"] == [plain_lr, 0.01] and lr["selected_on"] == "validation"
+        assert lr["candidates"] == [plain_lr, *(r for r in rates if r != plain_lr)] and lr["selected_on"] == "validation"
         assert lr["pick"] == lr["candidates"][max(range(2), key=lambda i: lr["validation"][i])]
         assert specs[method]["lr"] == lr["pick"] and specs[method]["eps"] == sel[f"{what}_{radius}"]["pick"]
     assert sel["headline_k"]["validation"] == [max(sel["apd2_lr"]["validation"])]
     # a selection grid is not part of any run's cache key: runs cached without it stay valid
-    assert "defense_lr_grid" not in task.run_config() and "defense_lr_grid" in task.config()
+    assert "per_method_lrs" not in task.run_config() and "per_method_lrs" in task.config()
     spec = Spec("plain", plain_lr)
     assert Run(task, spec, 0, tmp_path).key == Run(tiny, spec, 0, tmp_path).key
 

@@ -4,8 +4,9 @@
 2. Selection (seed 0, scored on validation only): plain training's learning rate by clean
    validation metric; each defense's radius (and SAM's rho) at that rate by the validation
    robustness score, the mean of the oriented validation metric clean and under the multi-step
-   corruption at every evaluation eps, then, where the task lists ``defense_lr_grid``, the
-   defense's own learning rate at that radius by the same score; APD's headline K the same way. Every run keeps the epoch with the best clean
+   corruption at every evaluation eps, then, where the task lists ``per_method_lrs``, the
+   defense's own learning rate at that radius by the same score (plain training then also picks
+   from those rates); APD's headline K the same way. Every run keeps the epoch with the best clean
    validation metric (early stopping on validation).
 3. Final runs: every method with its chosen settings over all seeds (seed 0 reuses the
    selection run), evaluated on test: clean, random, one-step and multi-step corruption with 10
@@ -342,16 +343,17 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
                         "mean oriented validation metric, clean and under multi-step corruption at every eval eps"}
         return specs[best]
 
-    plain = pick("lr", [Spec("plain", lr) for lr in task.lr_grid], lambda v: _oriented(task, v["clean"]), list(task.lr_grid))
+    rates = [*task.lr_grid, *(r for r in task.per_method_lrs if r not in task.lr_grid)]
+    plain = pick("lr", [Spec("plain", r) for r in rates], lambda v: _oriented(task, v["clean"]), rates)
     lr = plain.lr
     robust = lambda v: v["score"]  # noqa: E731
 
     def defense(what: str, specs: list[Spec], radii: list) -> Spec:
-        """The radius at plain's learning rate, then (``defense_lr_grid``) the rate at that radius."""
+        """The radius at plain's learning rate, then (``per_method_lrs``) the rate at that radius."""
         spec = pick(f"{what}_rho" if what == "sam" else f"{what}_eps", specs, robust, radii)
-        if task.defense_lr_grid:
-            rates = [lr, *(r for r in task.defense_lr_grid if r != lr)]
-            spec = pick(f"{what}_lr", [replace(spec, lr=r) for r in rates], robust, rates)
+        if task.per_method_lrs:
+            own = [lr, *(r for r in rates if r != lr)]
+            spec = pick(f"{what}_lr", [replace(spec, lr=r) for r in own], robust, own)
         return spec
 
     eps_of = lambda method, steps=0: defense(  # noqa: E731
@@ -379,7 +381,7 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     head = heads[max(range(len(heads)), key=lambda i: scores[i])]
     record["headline_k"] = {"candidates": heads, "validation": scores, "pick": head, "selected_on": "validation",
                             "criterion": "validation robustness score of each K at its chosen eps"
-                                         + (" and learning rate" if task.defense_lr_grid else "")}
+                                         + (" and learning rate" if task.per_method_lrs else "")}
     specs["apd"] = specs[f"apd{head}"]
     if "plain_matched" in methods:
         specs["plain_matched"] = replace(plain, epochs_factor=specs["apd"].passes)

@@ -43,10 +43,11 @@ class Task:
     epochs: int
     optimizer: str = "sgd"
     lr_grid: tuple = (0.05,)  #: picked on validation for plain training, used by every method
-    #: further learning rates every defense tries on validation at its chosen radius, beside plain
-    #: training's pick (a defense can need a smaller step); a selection setting, so it does not
+    #: when set, every method picks its own learning rate on validation from ``lr_grid`` and these
+    #: (plain training by clean metric, each defense at its chosen radius by robustness score): a
+    #: defense can need a smaller step than plain training. A selection setting, so it does not
     #: enter the runs' cache keys (:meth:`run_config`)
-    defense_lr_grid: tuple = ()
+    per_method_lrs: tuple = ()
     momentum: float = 0.9
     weight_decay: float = 5e-4
     #: layer-relative L2 radii the defenses choose from on validation
@@ -136,7 +137,7 @@ class Task:
 
     def config(self) -> dict:
         """The task's settings for the report: :meth:`run_config` and the selection grids."""
-        return {**self.run_config(), "defense_lr_grid": self.defense_lr_grid}
+        return {**self.run_config(), "per_method_lrs": self.per_method_lrs}
 
 
 #: int8 flip experiments: random flip counts (``trials`` draws each), the progressive search's
@@ -245,8 +246,8 @@ def fashion(quick: bool = False, profile: str = "cpu") -> Task:
         "fashion", data, lambda: SmallCNN(num_classes=10), 128, _linear_references(data),
         # sized for 2 CPU cores: one learning rate, two radii and K = 2 (a full run still takes
         # several hours there; the gpu profile runs the wider grids)
-        # a defense may also train at lr 0.02: at plain's 0.05, APD collapsed to chance on one seed
-        epochs=8, lr_grid=(0.05,), defense_lr_grid=(0.02,), eps_grid=(0.01, 0.02), k_grid=(2,),
+        # every method also tries lr 0.02: at 0.05, APD collapsed to chance on one seed
+        epochs=8, lr_grid=(0.05,), per_method_lrs=(0.02,), eps_grid=(0.01, 0.02), k_grid=(2,),
         eval_eps=(0.005, 0.01, 0.02, 0.05), sweep_eps=(1e-4, 1e-3, 1e-2), corrupted_test=5, curvature=False,
         density=True,
         random_trials=3, seeds=5, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
