@@ -473,7 +473,10 @@ def test_gpu_profile_tasks_train_evaluate_and_keep_their_own_cache(name, tmp_pat
     that their runs never share cache entries with the cpu profile's."""
     gpu = _task(name, profile="gpu")
     assert gpu.name == f"{name}-gpu" and gpu.run_config() != _task(name).run_config()
-    res = run(gpu.shrink(batches=2, examples=8), ("plain",), 1, tmp_path)
+    tiny = gpu.shrink(batches=2, examples=8)
+    if name == "fashion":  # its reference is the cpu task's logistic regression (slow end-to-end test)
+        tiny = dataclasses.replace(tiny, references=lambda: {"stub": {"metric": 0.5, "selection": {}}})
+    res = run(tiny, ("plain",), 1, tmp_path)
     assert res["task"] == f"{name}-gpu" and math.isfinite(res["runs"][0]["eval"]["clean"]["metric"])
     (ref,) = res["references"].values()
     assert math.isfinite(ref["metric"])
