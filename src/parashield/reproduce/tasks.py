@@ -364,6 +364,21 @@ def ptb(quick: bool = False, profile: str = "cpu", bptt: int = 35) -> Task:
     )
 
 
+def _pair_batches(split, idx: list, size: int) -> list:
+    """The pairs ``idx`` of a ParallelSplit, collated in batches of ``size``."""
+    from .datasets import collate_translation
+
+    return [collate_translation([split.src[j] for j in idx[i : i + size]], [split.tgt[j] for j in idx[i : i + size]])
+            for i in range(0, len(idx), size)]
+
+
+def translation_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Teacher-forced cross-entropy over the target tokens (padding ignored)."""
+    src, tgt_in, tgt_out = batch
+    logits = model(src, tgt_in)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=0)
+
+
 def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 1000) -> Task:
     """English -> Spanish Bible verses (Debian SWORD modules) with a Transformer, held-out books.
     Profile "cpu": a small Transformer on 20k pairs; two CPU cores cannot train it to a usable
@@ -372,22 +387,13 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
     the training targets). Profile "gpu" (``translation-gpu``): a larger Transformer on every
     training pair, BLEU of greedy decoding on 1000 held-out verses, against a translation memory
     (the target of the training verse whose source is nearest in TF-IDF space)."""
-    from .datasets import collate_translation, load_bible_translation
+    from .datasets import load_bible_translation
     from .models import TransformerTranslator
 
     if _profile(profile) == "gpu":
         return _translation_gpu(eval_pairs)
     data = load_bible_translation(max_len=48, limit_train=20000, seed=0)
     tr = data.train
-
-    def batches(split, idx: list, size: int) -> list:
-        return [collate_translation([split.src[j] for j in idx[i : i + size]], [split.tgt[j] for j in idx[i : i + size]])
-                for i in range(0, len(idx), size)]
-
-    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        src, tgt_in, tgt_out = batch
-        logits = model(src, tgt_in)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=0)
 
     @torch.no_grad()
     def token_accuracy(model: nn.Module, test: list) -> float:
@@ -399,14 +405,14 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
             total += int(mask.sum())
         return correct / total
 
-    valid = batches(data.valid, list(range(min(eval_pairs, len(data.valid)))), 100)
-    test = batches(data.test, list(range(min(eval_pairs, len(data.test)))), 100)
+    valid = _pair_batches(data.valid, list(range(min(eval_pairs, len(data.valid)))), 100)
+    test = _pair_batches(data.test, list(range(min(eval_pairs, len(data.test)))), 100)
 
     def references() -> dict:
         from collections import Counter, defaultdict
 
         follow: dict = defaultdict(Counter)
-        for _, tgt_in, tgt_out in batches(tr, list(range(len(tr))), 256):
+        for _, tgt_in, tgt_out in _pair_batches(tr, list(range(len(tr))), 256):
             for a, b in zip(tgt_in[tgt_out != 0].tolist(), tgt_out[tgt_out != 0].tolist()):
                 follow[a][b] += 1
         guess = {a: c.most_common(1)[0][0] for a, c in follow.items()}
@@ -425,9 +431,9 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
     return Task(
         name="translation", metric_name="token accuracy", higher_is_better=True, chance=1.0 / tv, point=0.01,
         build_model=lambda: TransformerTranslator(sv, tv, d_model=128, nhead=4, layers=2, dim_ff=256, dropout=0.1),
-        loss_fn=loss, metric=token_accuracy,
-        train_epoch=lambda gen: batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
-        attack_data=batches(tr, list(range(256)), 128), valid_data=valid, test_data=test, references=references,
+        loss_fn=translation_loss, metric=token_accuracy,
+        train_epoch=lambda gen: _pair_batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
+        attack_data=_pair_batches(tr, list(range(256)), 128), valid_data=valid, test_data=test, references=references,
         epochs=8, optimizer="adam", lr_grid=(1e-3,), weight_decay=0.0, eps_grid=(0.005, 0.01, 0.02), k_grid=(2,),
         eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False, seeds=3,
         info={"train_pairs": len(tr), "eval_pairs": eval_pairs, "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
@@ -435,21 +441,12 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
 
 
 def _translation_gpu(eval_pairs: int) -> Task:
-    from .datasets import collate_translation, load_bible_translation
+    from .datasets import load_bible_translation
     from .models import TransformerTranslator
     from .references import nearest_sources
 
     data = load_bible_translation(max_len=64, seed=0)
     tr, itos = data.train, data.tgt_vocab.itos
-
-    def batches(split, idx: list, size: int) -> list:
-        return [collate_translation([split.src[j] for j in idx[i : i + size]], [split.tgt[j] for j in idx[i : i + size]])
-                for i in range(0, len(idx), size)]
-
-    def loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-        src, tgt_in, tgt_out = batch
-        logits = model(src, tgt_in)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_out.reshape(-1), ignore_index=0)
 
     def words(ids: list, hypothesis: bool) -> str:
         """Tokens up to the first <eos>; a hypothesis' <unk> never matches a reference word."""
@@ -481,14 +478,14 @@ def _translation_gpu(eval_pairs: int) -> Task:
                            [words(split.tgt[j].tolist() + [2], False) for j in idx])
 
     pick = lambda split: list(range(min(eval_pairs, len(split))))  # noqa: E731
-    valid, test = batches(data.valid, pick(data.valid), 100), batches(data.test, pick(data.test), 100)
+    valid, test = _pair_batches(data.valid, pick(data.valid), 100), _pair_batches(data.test, pick(data.test), 100)
     sv, tv = len(data.src_vocab), len(data.tgt_vocab)
     return Task(
         name="translation-gpu", metric_name="BLEU", higher_is_better=True, chance=0.0, point=1.0,
         build_model=lambda: TransformerTranslator(sv, tv, d_model=256, nhead=4, layers=3, dim_ff=1024, dropout=0.1),
-        loss_fn=loss, metric=bleu,
-        train_epoch=lambda gen: batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
-        attack_data=batches(tr, list(range(256)), 128), valid_data=valid, test_data=test,
+        loss_fn=translation_loss, metric=bleu,
+        train_epoch=lambda gen: _pair_batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
+        attack_data=_pair_batches(tr, list(range(256)), 128), valid_data=valid, test_data=test,
         references=lambda: {"translation memory (TF-IDF nearest training verse)": {
             "metric": memory(data.test, pick(data.test)), "selection": {"validation": [memory(data.valid, pick(data.valid))]}}},
         epochs=30, optimizer="adam", lr_grid=(5e-4, 1e-3), weight_decay=0.0, eps_grid=(0.005, 0.01, 0.02),
