@@ -329,6 +329,51 @@ def test_two_concurrent_runs_into_one_folder(tmp_path):
         json.loads(entry.read_text())  # every entry whole
 
 
+_HOLD = """
+import fcntl, sys, time
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold(folder: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding ``folder``'s run lock for ``seconds``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder / ".lock"), str(seconds)], stdout=subprocess.PIPE,
+                         text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_processes_sharing_a_folder_take_runs_no_other_process_holds(tmp_path):
+    from types import SimpleNamespace
+
+    from parashield.reproduce.runner import shared_map
+    folders = [tmp_path / f"run{i}" for i in range(4)]
+    assert not cache.held_elsewhere(folders[0])  # no lock file yet
+    holder = _hold(folders[1], 60)
+    try:
+        assert cache.held_elsewhere(folders[1]) and not cache.held_elsewhere(folders[2])
+        order = []
+
+        def work(i, run):
+            order.append(i)
+            if i == 3:  # the free runs are done; the holder lets go, and run1 comes last
+                holder.kill()
+                holder.wait()
+            return i * 10
+
+        out = shared_map(range(4), lambda i: SimpleNamespace(folder=folders[i]), work, "test")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert out == [0, 10, 20, 30]  # results in the jobs' order
+    assert order == [0, 2, 3, 1]  # the held run last
+    assert not cache.held_elsewhere(folders[1])
+
+
 @pytest.mark.slow
 def test_killed_runs_finish_equal_to_an_uninterrupted_run(tmp_path):
     _task()

@@ -9,12 +9,11 @@ from pathlib import Path
 
 from torch import nn
 
-from .._progress import progress
 from ..budget import Budget
 from ..corruption import MultiStepCorruption, corrupted
 from ..objective import Objective
 from .findings import CONTROLS
-from .runner import Run, Spec, _metric, _norm
+from .runner import Run, Spec, _metric, _norm, shared_map
 from .tasks import Task
 
 #: share of the parameters an n-sparse corruption may change
@@ -46,9 +45,10 @@ def run_budget_ablation(task: Task, result: dict, out: Path) -> list[dict]:
     """The ablation for the controls and the headline APD of a finished protocol result."""
     wanted = {*CONTROLS, result["headline"]}
     jobs = [r for r in result["runs"] if r["method"] in wanted]
-    rows = []
-    for r in progress(jobs, desc=f"budget ablation {task.name}", unit="run"):
-        run = Run(task, Spec(**r["spec"]), r["seed"], out)
+
+    def one(r: dict, run: Run) -> dict:
         data = run.cached("budgets", lambda m: budget_evaluate(task, m), extra_key={"sparse_share": SPARSE_SHARE})
-        rows.append({"method": r["method"], "seed": r["seed"], **data})
-    return rows
+        return {"method": r["method"], "seed": r["seed"], **data}
+
+    return shared_map(jobs, lambda r: Run(task, Spec(**r["spec"]), r["seed"], out), one,
+                      f"budget ablation {task.name}")

@@ -1,6 +1,7 @@
 """The reproduction's run folders: JSON entries written atomically under unique temporary names,
 each with the key of the configuration that made it and a checksum of its content, and a lock so
-that two processes sharing one output folder never compute or write the same run twice.
+that two processes sharing one output folder never compute or write the same run twice
+(:func:`held_elsewhere` lets them pick different runs instead of queueing on one).
 
 An entry that cannot be read, whose key differs or whose checksum does not match its content is
 stale: a warning says why and the run is computed again."""
@@ -96,3 +97,18 @@ def locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def held_elsewhere(folder: Path) -> bool:
+    """Whether another process holds the folder's lock at this moment (a hint for scheduling: the
+    answer may change right after; :func:`locked` is what guarantees exclusive work)."""
+    path = folder / ".lock"
+    if not path.exists():
+        return False
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False

@@ -9,11 +9,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .._progress import progress
 from ..budget import Budget
 from ..evaluation import evaluate_robustness
 from ..objective import Objective
-from .runner import Run, Spec, _metric
+from .runner import Run, Spec, _metric, shared_map
 from .tasks import Task
 
 def ensemble_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
@@ -29,13 +28,14 @@ def ensemble_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
 
 def run_ensemble(task: Task, result: dict, out: Path) -> list[dict]:
     """The ensemble for every final run of a protocol result."""
-    rows = []
-    for r in progress(result["runs"], desc=f"attack ensemble {task.name}", unit="run"):
-        run = Run(task, Spec(**r["spec"]), r["seed"], out)
-        settings = {"steps": task.ensemble_steps, "restarts": task.ensemble_restarts}
-        data = run.cached("ensemble", lambda m, s=r["seed"]: ensemble_evaluate(task, m, s), extra_key=settings)
-        rows.append({"method": r["method"], "seed": r["seed"], **data})
-    return rows
+    settings = {"steps": task.ensemble_steps, "restarts": task.ensemble_restarts}
+
+    def one(r: dict, run: Run) -> dict:
+        data = run.cached("ensemble", lambda m: ensemble_evaluate(task, m, r["seed"]), extra_key=settings)
+        return {"method": r["method"], "seed": r["seed"], **data}
+
+    return shared_map(result["runs"], lambda r: Run(task, Spec(**r["spec"]), r["seed"], out), one,
+                      f"attack ensemble {task.name}")
 
 
 def merge(result: dict, rows: list[dict]) -> None:

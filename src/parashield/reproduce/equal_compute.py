@@ -12,9 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .._progress import progress
 from .ensemble import ensemble_evaluate
-from .runner import Run, Spec, _metric
+from .runner import Run, Spec, _metric, shared_map
 from .tasks import Task
 
 
@@ -47,11 +46,12 @@ def run_equal_compute(task: Task, result: dict, out: Path) -> list[dict]:
     """The runs of every K at equal compute over the result's seeds (a K = K_max run is the
     protocol's own, reused from the cache)."""
     jobs = [(k, spec, seed) for k, spec in specs(task, result["selection"]).items() for seed in range(result["seeds"])]
-    rows = []
     settings = {"steps": task.ensemble_steps, "restarts": task.ensemble_restarts}
-    for k, spec, seed in progress(jobs, desc=f"K at equal compute {task.name}", unit="run"):
-        run = Run(task, spec, seed, out)
-        data = run.cached("equal_compute", lambda m, s=seed: compute_evaluate(task, m, s), extra_key=settings)
-        rows.append({"k": k, "seed": seed, "spec": asdict(spec), "compute": spec.compute,
-                     "epochs": len(data["train"]["epochs"]), **data})
-    return rows
+
+    def one(job: tuple[int, Spec, int], run: Run) -> dict:
+        k, spec, seed = job
+        data = run.cached("equal_compute", lambda m: compute_evaluate(task, m, seed), extra_key=settings)
+        return {"k": k, "seed": seed, "spec": asdict(spec), "compute": spec.compute,
+                "epochs": len(data["train"]["epochs"]), **data}
+
+    return shared_map(jobs, lambda job: Run(task, job[1], job[2], out), one, f"K at equal compute {task.name}")

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from torch import nn
 
-from .._progress import progress
 from ..bitflip import ProgressiveBitSearch, RandomBitFlip
 from ..corruption import corrupted
 from ..objective import Objective
 from ..quantization import quantize_
 from .findings import CONTROLS
-from .runner import Run, Spec, _metric
+from .runner import Run, Spec, _metric, shared_map
 from .tasks import Task
 
 
@@ -93,10 +92,10 @@ def run_bitflips(task: Task, result: dict, out: Path) -> list[dict]:
     :func:`.runner.run` result, over its seeds."""
     wanted = {*CONTROLS, result["headline"]}
     jobs = [r for r in result["runs"] if r["method"] in wanted]
-    rows = []
-    for r in progress(jobs, desc=f"bit flips {task.name}", unit="run"):
-        run = Run(task, Spec(**r["spec"]), r["seed"], out)
-        data = run.cached("bitflips", lambda m, s=r["seed"]: flip_evaluate(task, m, s), extra_key=task.bitflips)
-        floats = run.cached("float_flips", lambda m, s=r["seed"]: float_flip_evaluate(task, m, s), extra_key=FLOAT_FLIPS)
-        rows.append({"method": r["method"], "seed": r["seed"], **data, "float32_exponent": floats})
-    return rows
+
+    def one(r: dict, run: Run) -> dict:
+        data = run.cached("bitflips", lambda m: flip_evaluate(task, m, r["seed"]), extra_key=task.bitflips)
+        floats = run.cached("float_flips", lambda m: float_flip_evaluate(task, m, r["seed"]), extra_key=FLOAT_FLIPS)
+        return {"method": r["method"], "seed": r["seed"], **data, "float32_exponent": floats}
+
+    return shared_map(jobs, lambda r: Run(task, Spec(**r["spec"]), r["seed"], out), one, f"bit flips {task.name}")

@@ -15,6 +15,8 @@
 
 Each run lives in ``<out>/cache/<task>/<run>/seed<k>/``: ``train.pt`` (checkpoint after every
 epoch, so an interrupted run resumes), ``valid.json`` and ``eval.json``; see :mod:`.cache`.
+Several processes may share one output folder (e.g. one per core, each with ``--threads 1``):
+every loop over runs takes first the runs no other process is working on (:func:`shared_map`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -249,6 +251,25 @@ class Run:
         return data
 
 
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+def shared_map(jobs: Sequence[J], run_of: Callable[[J], Run], work: Callable[[J, Run], R], desc: str) -> list[R]:
+    """``[work(job, run_of(job)) for job in jobs]``, in the jobs' order, but computed taking first
+    the jobs whose run folder no other process holds, so that several ``parashield reproduce``
+    processes on one output folder share the work instead of queueing behind each other's locks
+    (when every remaining run is held, the first is waited for)."""
+    runs = [run_of(job) for job in jobs]
+    pending = list(range(len(jobs)))
+    done: dict[int, R] = {}
+    for _ in progress(range(len(jobs)), desc=desc, unit="run"):
+        i = next((i for i in pending if not cache.held_elsewhere(runs[i].folder)), pending[0])
+        pending.remove(i)
+        done[i] = work(jobs[i], runs[i])
+    return [done[i] for i in range(len(jobs))]
+
+
 def _checkpoint_key(path: Path) -> Optional[str]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)["extra"].get("key")
@@ -404,14 +425,15 @@ def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -
     specs, selection = select(task, out, methods)
     headline = f"apd{selection['headline_k']['pick']}" if "headline_k" in selection else None
     methods = methods if headline in (None, *methods) else (*methods, headline)
-    runs = []
-    jobs = [(seed, m) for seed in range(seeds) for m in methods]
-    for seed, method in progress(jobs, desc=f"{task.name} runs", unit="run"):
+    def final(job: tuple[int, str], r: Run) -> dict:
+        seed, method = job
         spec = specs[method]
-        r = Run(task, spec, seed, out)
-        runs.append({"method": method, "seed": seed, "spec": asdict(spec), "passes": spec.passes, "compute": spec.compute,
-                     "folder": str(r.folder.relative_to(out)),
-                     "eval": r.cached("eval", lambda m, s=seed: test_evaluation(task, m, s))})
+        return {"method": method, "seed": seed, "spec": asdict(spec), "passes": spec.passes, "compute": spec.compute,
+                "folder": str(r.folder.relative_to(out)),
+                "eval": r.cached("eval", lambda m: test_evaluation(task, m, seed))}
+
+    jobs = [(seed, m) for seed in range(seeds) for m in methods]
+    runs = shared_map(jobs, lambda job: Run(task, specs[job[1]], job[0], out), final, f"{task.name} runs")
     return {"task": task.name, "config": task.config(), "higher_is_better": task.higher_is_better,
             "chance": task.chance, "point": task.point, "references": references, "selection": selection,
             "headline": headline, "methods": list(methods), "seeds": seeds,

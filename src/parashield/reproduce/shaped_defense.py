@@ -19,9 +19,8 @@ from typing import Callable
 
 from torch import nn
 
-from .._progress import progress
 from .ablation import SPARSE_SHARE, budget_evaluate, budgets
-from .runner import Run, Spec, _norm, validation_score
+from .runner import Run, Spec, _norm, shared_map, validation_score
 from .tasks import Task
 
 
@@ -76,10 +75,12 @@ def run_shaped_defenses(task: Task, result: dict, out: Path) -> dict:
     for method in task.shaped_defenses:
         choice = select(task, result, out, method)
         spec = Spec(**choice["spec"])
-        rows = []
-        for seed in progress(range(result["seeds"]), desc=f"{method} {task.name}", unit="run"):
-            data = Run(task, spec, seed, out).cached("budgets", lambda m: budget_evaluate(task, m),
-                                                      extra_key={"sparse_share": SPARSE_SHARE})
-            rows.append({"method": method, "seed": seed, **data})
+
+        def one(seed: int, run: Run, method: str = method) -> dict:
+            data = run.cached("budgets", lambda m: budget_evaluate(task, m), extra_key={"sparse_share": SPARSE_SHARE})
+            return {"method": method, "seed": seed, **data}
+
+        rows = shared_map(range(result["seeds"]), lambda seed, spec=spec: Run(task, spec, seed, out), one,
+                          f"{method} {task.name}")
         done[method] = {"label": SHAPES[method].label, "selection": choice, "runs": rows}
     return done
