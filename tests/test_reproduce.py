@@ -623,3 +623,28 @@ def test_picks_at_the_edge_of_a_grid_are_flagged():
     assert not _at_grid_edge({"candidates": [0.01, 0.02, 0.05, 0.1], "pick": 0.05})
     assert not _at_grid_edge({"candidates": [0.01, 0.02], "pick": 0.02})  # two values have no middle
     assert not _at_grid_edge({"candidates": ["a", "b", "c"], "pick": "a"})
+
+
+def test_the_restarts_attack_reusing_the_50_step_run_equals_one_call_with_restarts():
+    from types import SimpleNamespace
+
+    import parashield as ps
+    from parashield.corruption import MultiStepCorruption
+    from parashield.reproduce.runner import attacks
+
+    task = SimpleNamespace(multi_steps=1, strong_steps=2, strong_restarts=3)
+    winners = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        data = [(torch.randn(16, 5), torch.randint(0, 3, (16,)))]
+        obj = ps.Objective(model, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), data)
+        budget = ps.Budget("l2", 2.0, scale="layer")
+        got = attacks(task, budget, seed, obj)
+        ref = MultiStepCorruption(budget, steps=2, restarts=3, seed=seed)(obj)
+        assert got["multi_step_50x5"].loss_after == ref.loss_after
+        assert all(torch.equal(got["multi_step_50x5"].delta[n], ref.delta[n]) for n in ref.delta)
+        alone = MultiStepCorruption(budget, steps=2)(obj)
+        assert all(torch.equal(got["multi_step_50"].delta[n], alone.delta[n]) for n in ref.delta)
+        winners.add(got["multi_step_50x5"] is got["multi_step_50"])
+    assert winners == {True, False}  # both branches were taken: restart 0 and a random restart won
