@@ -648,3 +648,17 @@ def test_the_restarts_attack_reusing_the_50_step_run_equals_one_call_with_restar
         assert all(torch.equal(got["multi_step_50"].delta[n], alone.delta[n]) for n in ref.delta)
         winners.add(got["multi_step_50x5"] is got["multi_step_50"])
     assert winners == {True, False}  # both branches were taken: restart 0 and a random restart won
+
+
+def test_the_layer_table_can_cover_weight_matrices_only_and_keeps_older_keys(tiny):
+    from parashield.reproduce.runner import test_evaluation
+
+    task = dataclasses.replace(tiny, layer_table="matrices")
+    torch.manual_seed(0)
+    model = task.build_model()
+    names = [r["name"] for r in test_evaluation(task, model, 0)["layers"]]
+    matrices = [n for n, p in model.named_parameters() if p.dim() >= 2]
+    assert names == matrices and len(matrices) < len(list(model.parameters()))
+    assert "layer_table" not in tiny.run_config() and task.run_config()["layer_table"] == "matrices"
+    with pytest.raises(ValueError, match="layer_table must be"):
+        dataclasses.replace(tiny, layer_table="biases")

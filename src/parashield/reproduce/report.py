@@ -191,8 +191,9 @@ def _finding_rows(f: dict) -> list[str]:
 def _layers_markdown(tr: dict) -> list[str]:
     methods = [m for m in ("plain", tr["headline"]) if m and m in tr["methods"]]
     first = evals(tr, methods[0])[0]
-    lines = [f"#### Per-layer vulnerability, measured (one tensor corrupted alone, 10-step, layer eps {first['layers_eps']}, "
-             "test metric, mean over seeds)", "", "| tensor | size | " + " | ".join(_label(m) for m in methods) + " |",
+    which = "weight matrix" if tr["config"].get("layer_table") == "matrices" else "tensor"
+    lines = [f"#### Per-layer vulnerability, measured (one {which} corrupted alone, 10-step, layer eps "
+             f"{first['layers_eps']}, test metric, mean over seeds)", "", "| tensor | size | " + " | ".join(_label(m) for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for i, row in enumerate(first["layers"]):
         lines.append(f"| {row['name']} | {row['numel']} | "

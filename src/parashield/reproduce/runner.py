@@ -342,6 +342,8 @@ def test_evaluation(task: Task, model: nn.Module, seed: int) -> dict:
     mid = task.eval_eps[len(task.eval_eps) // 2]
     out["layers_eps"], out["layers"] = mid, []
     for i, name in enumerate(attack.names):  # measured: one tensor corrupted at a time
+        if task.layer_table == "matrices" and attack.params[i].dim() < 2:
+            continue
         sub = attack.restrict([attack.params[i]])
         res = MultiStepCorruption(Budget("l2", mid, scale="layer"), steps=task.multi_steps)(sub)
         with corrupted(model, res):

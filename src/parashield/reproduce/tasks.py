@@ -74,6 +74,9 @@ class Task:
     #: shaped_defense)
     shaped_defenses: tuple = ()
     curvature_iters: int = 20
+    #: the per-layer table corrupts one tensor at a time: every trainable tensor ("tensors") or only
+    #: those of two or more dimensions ("matrices": weights and embeddings, not biases or norm gains)
+    layer_table: str = "tensors"
     #: test batches of the corrupted evaluations (None: all of ``test_data``)
     corrupted_test: Optional[int] = None
     seeds: int = 5
@@ -82,6 +85,10 @@ class Task:
     bitflips: Optional[dict] = None
     #: ``tiny(examples) -> dict`` of field overrides for :meth:`shrink`
     tiny: Optional[Callable[[int], dict]] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.layer_table not in ("tensors", "matrices"):
+            raise ValueError(f"layer_table must be 'tensors' or 'matrices', got {self.layer_table!r}")
 
     @property
     def corrupted_data(self) -> list:
@@ -133,7 +140,8 @@ class Task:
         keys = ("name", "metric_name", "epochs", "optimizer", "lr_grid", "momentum", "weight_decay", "eps_grid",
                 "k_grid", "eval_eps", "sweep_eps", "multi_steps", "strong_steps", "strong_restarts",
                 "random_trials", "curvature", "curvature_iters", "corrupted_test", "info")
-        return {k: getattr(self, k) for k in keys}
+        extra = {} if self.layer_table == "tensors" else {"layer_table": self.layer_table}  # older keys unchanged
+        return {**{k: getattr(self, k) for k in keys}, **extra}
 
     def config(self) -> dict:
         """The task's settings for the report: :meth:`run_config` and the selection grids."""
@@ -357,7 +365,9 @@ def ptb(quick: bool = False, profile: str = "cpu", bptt: int = 35) -> Task:
         test_data=list(bptt_batches(batchify(test_ids, 10), bptt)),
         references=references, epochs=25 if gpu else 6, optimizer="adam", lr_grid=(1e-3, 2e-3) if gpu else (1e-3, 3e-3),
         weight_decay=0.0,
-        eps_grid=(0.002, 0.005, 0.01), k_grid=(2, 3), eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2),
+        # under 10-step corruption at eps 0.01 every plain model was past chance perplexity (0.003:
+        # 191 -> 213, the ensemble 252): the grids stay below 0.005
+        eps_grid=(0.001, 0.002, 0.004), k_grid=(2, 3), eval_eps=(0.001, 0.002, 0.004), sweep_eps=(1e-4, 1e-3, 1e-2),
         random_trials=3, curvature=False, seeds=3,
         info={"train_tokens": len(train_ids), "eval_tokens": eval_tokens or len(test_ids), "vocab": vocab,
               "model": f"LSTM {hidden}" + (f" x {layers} layers" if layers > 1 else "") + ", tied, dropout 0.5"},
@@ -434,8 +444,12 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
         loss_fn=translation_loss, metric=token_accuracy,
         train_epoch=lambda gen: _pair_batches(tr, torch.randperm(len(tr), generator=gen).tolist(), 64),
         attack_data=_pair_batches(tr, list(range(256)), 128), valid_data=valid, test_data=test, references=references,
-        epochs=8, optimizer="adam", lr_grid=(1e-3,), weight_decay=0.0, eps_grid=(0.005, 0.01, 0.02), k_grid=(2,),
-        eval_eps=(0.003, 0.01, 0.03), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False, seeds=3,
+        # validation token accuracy of plain seed 0 under 10-step corruption: 0.483 clean, 0.444 at eps
+        # 0.003, 0.135 at 0.01, 0.023 at 0.03: the grids end at 0.01. The per-layer table covers the
+        # weight matrices only (23 of 68 tensors; one gradient pass costs ~2.3 s on one core)
+        epochs=8, optimizer="adam", lr_grid=(1e-3,), weight_decay=0.0, eps_grid=(0.002, 0.005, 0.01), k_grid=(2,),
+        eval_eps=(0.002, 0.005, 0.01), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False, seeds=3,
+        layer_table="matrices",
         info={"train_pairs": len(tr), "eval_pairs": eval_pairs, "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
     )
 
