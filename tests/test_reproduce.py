@@ -60,8 +60,13 @@ def test_paired_interval_and_p_match_scipy(seed):
 def test_sign_flip_p_by_hand():
     assert sign_flip_p([1.0, 1.0, 1.0]) == pytest.approx(2 / 8)  # all + or all - reach |sum| 3
     assert sign_flip_p([1.0, -1.0]) == 1.0
-    with pytest.raises(ValueError, match="too many"):
-        sign_flip_p([1.0] * 21)
+    # above 20 pairs the 2**n patterns are sampled: all 25 differences positive leaves only the
+    # two extreme patterns, which 100k samples almost never draw: p = (hits + 1) / (samples + 1)
+    assert sign_flip_p([1.0] * 25) == pytest.approx(1 / 100_001)
+    big = [0.3, -0.1, 0.2, 0.05, -0.2, 0.1] * 4
+    assert paired(big, [0.0] * len(big)).p_perm == pytest.approx(
+        scipy_stats.permutation_test((big,), lambda x, axis: abs(x.mean(axis=axis)), permutation_type="samples",
+                                     alternative="greater", n_resamples=10**6, random_state=0).pvalue, abs=0.01)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -72,16 +77,28 @@ def test_spearman_matches_scipy_with_ties(seed):
     r = spearman(x, y)
     ref = scipy_stats.spearmanr(x, y)
     assert r.rho == pytest.approx(ref.statistic, rel=1e-9)
-    assert r.p == pytest.approx(ref.pvalue, rel=1e-7)
+    assert r.p == pytest.approx(ref.pvalue, rel=1e-7)  # 12 pairs: the t approximation, as scipy
     assert r.low < r.rho < r.high
     assert ranks([3, 1, 3, 2]) == [3.5, 1.0, 3.5, 2.0]
+    small = spearman(x[:6], y[:6])  # 6 pairs: the exact permutation p
+    exact = scipy_stats.permutation_test((x[:6],), lambda v: scipy_stats.spearmanr(v, y[:6]).statistic,
+                                         permutation_type="pairings", n_resamples=math.inf)
+    assert small.p == pytest.approx(exact.pvalue, rel=1e-9)
+
+
+def test_spearman_at_rho_one_decides_by_the_exact_p():
+    five = spearman([1, 2, 3, 4, 5], [2, 4, 6, 8, 10])
+    assert five.rho == 1.0 and five.p == pytest.approx(2 / 120) and five.call == "agrees"
+    assert math.isnan(five.low) and math.isnan(five.high)  # no Fisher-z interval at |rho| = 1
+    four = spearman([1, 2, 3, 4], [4, 3, 2, 1])
+    assert four.p == pytest.approx(2 / 24) and four.call == "undecided"
 
 
 def test_calls_both_ways_and_ties():
     assert paired([1.1, 1.2, 1.3, 1.15], [1.0, 1.0, 1.0, 1.0]).call == "better"
     assert paired([1.0, 1.0, 1.0, 1.0], [1.1, 1.2, 1.3, 1.15]).call == "worse"
     assert paired([1.0, 1.2, 0.9, 1.1], [1.05, 1.0, 1.0, 1.0]).call == "tie"
-    assert paired([1.0, 1.0], [0.0, 0.0]).call == "tie"  # two pairs: a zero-width interval decides nothing
+    assert paired([1.0, 1.0], [0.0, 0.0]).call == "too few pairs"  # a zero-width interval decides nothing
     assert paired([math.inf, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]).n == 3  # the overflowed pair is dropped
     assert spearman([1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]).call == "backwards"
     assert spearman([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]).call == "agrees"
@@ -111,7 +128,13 @@ def test_finding_4_better_on_drops_not_levels():
     tr = _result({"plain": plain, "apd3": apd})
     f4 = findings.finding_4(tr, "multi_step", [])
     c = f4["comparisons"][0]
-    assert c["clean"]["call"] == "better" and c["robust"] == "better" and f4["verdict"] == "CONFIRMED"
+    assert c["clean"]["call"] == "better" and c["robust"] == "better"
+    # decided only against every control the finding names
+    assert f4["verdict"].startswith("NOT DECIDED") and f4["missing_controls"] == ["plain_matched", "one_step", "sam"]
+    every = _result({"plain": plain, "plain_matched": plain, "one_step": plain, "sam": plain, "apd3": apd})
+    assert findings.finding_4(every, "multi_step", [])["verdict"] == "CONFIRMED"
+    two_seeds = _result({"plain": plain, "plain_matched": plain, "one_step": plain, "sam": plain[:2], "apd3": apd})
+    assert findings.finding_4(two_seeds, "multi_step", [])["missing_controls"] == ["sam"]
     # a clean gain with the same drop: better clean, not more robust (the level gap does not leak)
     apd_same_drop = [_eval(0.95, [0.85 + j, 0.55 - j]) for j in (0.01, -0.01, 0.02, -0.02, 0.0)]
     plain = [_eval(0.90, [0.80, 0.50]) for _ in range(5)]
@@ -127,6 +150,68 @@ def test_finding_4_ties_are_not_wins_and_worse_is_reported():
     worse = [_eval(0.9, [0.7 - 0.001 * s, 0.4 - 0.001 * s]) for s in range(5)]
     c = findings.compare(_result({"plain": plain, "apd3": worse}), "apd3", "plain", "multi_step", [])
     assert c["robust"] == "worse"
+
+
+def test_comparisons_pair_by_seed_when_a_method_misses_seeds():
+    plain = [_eval(0.90 + 0.01 * s, [0.80 + 0.01 * s, 0.50]) for s in range(6)]
+    apd = [_eval(0.91 + 0.01 * s, [0.85 + 0.01 * s, 0.60]) for s in range(6)]  # per seed: +0.01 clean, drop 0.05 less
+    tr = _result({"plain": plain, "apd3": apd})
+    tr["runs"] = [r for r in tr["runs"] if not (r["method"] == "apd3" and r["seed"] == 2)]  # a partial run
+    c = findings.compare(tr, "apd3", "plain", "multi_step", [])
+    assert c["seeds"] == 5 and c["unpaired"] == {"plain": [2]}
+    assert c["clean"]["mean"] == pytest.approx(0.01) and c["clean"]["high"] - c["clean"]["low"] < 1e-9
+    assert c["rows"][0]["drop"]["mean"] == pytest.approx(0.04)  # by position it would mix seeds
+
+
+def test_collapse_is_decided_on_validation_and_kept_out_of_every_robustness_number():
+    plain = [_eval(0.9, [0.8, 0.5]) for _ in range(4)]
+    apd = [_eval(0.92, [0.85, 0.6]) for _ in range(4)]
+    apd[1] = _eval(0.1, [0.1, 0.1])  # at chance: nothing left to lose
+    for e in [*plain, *apd]:
+        e["train"] = {"best_valid": e["clean"]["metric"]}
+    tr = _result({"plain": plain, "apd3": apd})
+    assert [(c["method"], c["seed"], c["decided_on"]) for c in findings.collapsed(tr)] == [("apd3", 1, "validation")]
+    strength = findings.attack_strength(tr)
+    row = next(r for r in strength["rows"] if r["method"] == "apd3" and r["eps"] == 0.1)
+    assert row["multi_step"]["metric"] == pytest.approx(0.6)  # the collapsed seed would pull it to 0.43
+    assert len(findings.evals(tr, "apd3", alive=True)) == 3 and len(findings.evals(tr, "apd3")) == 4
+    apd[2]["train"]["best_valid"] = 0.1  # validation says collapsed although the test metric does not
+    assert ("apd3", 2) in {(c["method"], c["seed"]) for c in findings.collapsed(tr)}
+
+
+def test_finding_3b_skips_excluded_points():
+    plain = [_eval(0.9 + 0.001 * s, [0.8 - 0.01 * s, 0.1], ind=1.0 + s) for s in range(5)]
+    tr = _result({"plain": plain})
+    f = findings.finding_3b(tr, "multi_step", [1])
+    assert {r["eps"] for r in f["rows"]} == {0.01} and f["excluded"] == 1
+
+
+def test_censored_flip_counts_pair_only_where_the_order_is_known():
+    t = findings.censored_sign_test([None, None, None, None, None, 30, None], [10, 20, 5, 7, 9, 40, None])
+    assert (t["a_more"], t["b_more"], t["equal"], t["unknown"]) == (5, 1, 0, 1)
+    assert t["p"] == pytest.approx(2 * 7 / 64) and t["call"] == "tie"  # 5 of 6: p = 0.22
+    t = findings.censored_sign_test([None] * 7, [3, 4, 5, 6, 7, 8, 9])
+    assert t["p"] == pytest.approx(2 / 128) and t["call"] == "better"
+    assert findings.censored_sign_test([None, None, None], [None, None, 3])["call"] == "too few pairs"
+
+
+def test_attack_strength_on_perplexity_ignores_excluded_overflowed_points():
+    plain = [_eval(100.0, [150.0, math.inf]) for _ in range(3)]
+    for e in plain:
+        for g in e["grid"]:
+            g["multi_step_50x5"] = {"metric": g["multi_step"]["metric"] * 1.2, "loss": g["multi_step"]["loss"]}
+    tr = _result({"plain": plain}, higher=False, chance=10000.0)
+    s = findings.attack_strength(tr)
+    assert findings.excluded_points(tr, "multi_step") == [1]
+    assert s["verdict_attack"] == "multi_step_50x5"
+    assert s["mean_metric"]["multi_step"] == pytest.approx(150.0) and s["mean_metric"]["multi_step_50x5"] == pytest.approx(180.0)
+
+
+def test_results_json_is_strict_json_and_reads_back():
+    data = {"a": [math.inf, -math.inf, 1.5], "b": {"c": math.nan, "d": "x"}}
+    text = json.dumps(cache.strict_json(data), allow_nan=False)  # strict parsers accept it
+    back = cache.from_strict_json(json.loads(text))
+    assert back["a"] == [math.inf, -math.inf, 1.5] and math.isnan(back["b"]["c"]) and back["b"]["d"] == "x"
 
 
 def test_points_at_chance_are_excluded_and_counted():
@@ -183,11 +268,18 @@ def test_bitflip_comparison_on_drops():
         return {"quantized_metric": q, "random": [{"flips": 100, "metrics": [random_metric] * 3}],
                 "search": {"metric_history": [q, q - 0.1, q / 2], "flips_to_halve": halve}}
 
-    rows = [{"method": "plain", "seed": s, **flips(0.9, 0.6, 5 + s % 2)} for s in range(4)]
-    rows += [{"method": "apd3", "seed": s, **flips(0.8, 0.75 - 0.001 * s, None if s else 30)} for s in range(4)]
-    c = findings.bitflip_comparisons({"bitflips": rows, "headline": "apd3", "bitflip_config": {"search_flips": 40}})[0]
+    rows = [{"method": "plain", "seed": s, **flips(0.9, 0.6, 5 + s % 2)} for s in range(6)]
+    rows += [{"method": "apd3", "seed": s, **flips(0.8, 0.75 - 0.001 * s, None if s else 30)} for s in range(6)]
+    tr = {"bitflips": rows, "headline": "apd3", "bitflip_config": {"search_flips": 40}, "runs": [],
+          "higher_is_better": True, "chance": 0.1, "point": 0.01}
+    c = findings.bitflip_comparisons(tr)[0]
     assert c["rows"]["random 100"]["call"] == "better"  # APD drops 0.05, plain 0.3: on drops, despite a lower level
-    assert c["rows"]["flips to halve (lower bound)"]["call"] == "better" and c["never_halved"]["apd3"] == 3
+    halve = c["rows"]["flips to halve"]  # APD needed more on all 6 pairs (5 censored at the budget): p = 2/64
+    assert halve["a_more"] == 6 and halve["p"] == pytest.approx(2 / 64) and halve["call"] == "better"
+    assert c["never_halved"]["apd3"] == 5 and c["robust"] in ("better", "tie") and not c["excluded"]
+    at_chance = [{**r, "random": [{"flips": 100, "metrics": [0.1] * 3}]} for r in rows]
+    c = findings.bitflip_comparisons({**tr, "bitflips": at_chance})[0]
+    assert c["excluded"] == ["random 100"]  # every model at chance there: decides nothing
 
 
 # ---------------------------------------------------------------------------- references
@@ -412,6 +504,15 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     for d in res.get("hessian_density", {}).values():  # a density on its grid, integrating to about 1
         step = d["grid"][1] - d["grid"][0]
         assert sum(d["density"]) * step == pytest.approx(1.0, abs=0.05) and d["bottom"] <= d["top"]
+    # a few examples train no model that beats the classical references: nothing may be decided
+    write_report({"tasks": {name: dict(res)}}, tmp_path)
+    undecided = json.loads((tmp_path / "results.json").read_text())["tasks"][name]
+    if not undecided["decision"]["meaningful"]["meaningful"]:
+        assert not undecided["decision"]["findings"]
+        assert not any(k in undecided for k in ("bitflip_comparisons", "budget_comparisons", "equal_compute_comparisons",
+                                                "shaped_defense_comparisons"))
+    # with a reference every model beats, the whole report is decided and written
+    res["references"] = {"worst possible": {"metric": -1.0 if res["higher_is_better"] else math.inf, "selection": {}}}
     report = write_report({"tasks": {name: res}}, tmp_path)
     text = report.read_text()
     assert f"## Task `{name}`" in text and "selected_on" not in text and "References" in text
@@ -501,7 +602,7 @@ def test_a_run_collapsed_to_chance_counts_for_clean_but_not_for_robustness():
     runs += [{"method": "apd2", "seed": s, "eval": ev(0.9, 0.6 + 0.02 * s)} for s in range(3)]
     runs += [{"method": "apd2", "seed": 3, "eval": ev(0.1, 0.1)}]  # collapsed: drop 0
     tr = {"runs": runs, "higher_is_better": True, "chance": 0.1, "point": 0.01}
-    assert findings.collapsed(tr) == [{"method": "apd2", "seed": 3, "metric": 0.1}]
+    assert findings.collapsed(tr) == [{"method": "apd2", "seed": 3, "metric": 0.1, "decided_on": "test", "decided_by": 0.1}]
     c = findings.compare(tr, "apd2", "plain", "ensemble", [])
     assert (c["seeds"], c["robust_seeds"]) == (4, 3) and c["clean"]["mean"] == pytest.approx(-0.2)
     assert c["rows"][0]["drop"]["mean"] == pytest.approx(0.11)  # plain's drops 0.40/0.39/0.38, APD's 0.30/0.28/0.26
@@ -611,6 +712,7 @@ def test_a_results_json_from_before_the_sparse_defense_keeps_its_linf_section(ti
     res = run_task(dataclasses.replace(tiny, shaped_defenses=("apd_linf",)), ("plain", "apd2"), 3, tmp_path)
     old = {k: v for k, v in res.items() if k != "shaped_defenses"}
     old["linf_defense"] = {k: v for k, v in res["shaped_defenses"]["apd_linf"].items() if k != "label"}
+    old["references"] = {"worst possible": {"metric": -1.0, "selection": {}}}  # decided, so compared
     text = write_report({"tasks": {"digits": old}}, tmp_path).read_text()
     assert "APD trained with an L-inf budget" in text
 

@@ -99,8 +99,10 @@ def _kept_tasks(path: Path, names: list[str]) -> dict:
     """The tasks of an earlier full (not --quick) ``results.json`` in the output folder that this
     run does not redo: tasks run one at a time, each with its own seeds and methods, add up to one
     report. An unreadable file keeps nothing."""
+    from .reproduce.cache import from_strict_json
+
     try:
-        old = json.loads(path.read_text())
+        old = from_strict_json(json.loads(path.read_text()))
         tasks = old["tasks"] if isinstance(old, dict) and not old.get("quick") else {}
     except (OSError, ValueError, KeyError, TypeError):
         return {}

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -51,6 +52,34 @@ def atomic_write(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (numbers that JSON lacks, such as numpy floats, written as floats)."""
     atomic_write(Path(path), json.dumps(data, indent=1, sort_keys=True, default=float).encode())
+
+
+#: how :func:`strict_json` writes the numbers JSON has no literal for
+NONFINITE = {math.inf: "inf", -math.inf: "-inf"}
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float replaced by the string ``"inf"``, ``"-inf"`` or
+    ``"nan"``, so that strict JSON parsers (jq, JavaScript's JSON.parse) read the file;
+    :func:`from_strict_json` turns them back into floats."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return NONFINITE.get(data, "nan")
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
+def from_strict_json(data: Any) -> Any:
+    """The inverse of :func:`strict_json` (every string ``"inf"``, ``"-inf"``, ``"nan"`` becomes a float)."""
+    if isinstance(data, str) and data in ("inf", "-inf", "nan"):
+        return float(data)
+    if isinstance(data, dict):
+        return {k: from_strict_json(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [from_strict_json(v) for v in data]
+    return data
 
 
 def _checksum(data: Any) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .stats import paired, spearman
+from .stats import MIN_PAIRS, TOO_FEW, paired, spearman
 
 ATTACKS = ("multi_step", "multi_step_50", "multi_step_50x5")  #: projected ascent, in every evaluation
 INDICATORS = ("first_order", "second_order", "random", "one_step", "multi_step")
@@ -20,9 +20,24 @@ def _sign(tr: dict) -> float:
     return 1.0 if tr["higher_is_better"] else -1.0
 
 
-def evals(tr: dict, method: str) -> list[dict]:
-    """The test evaluations of ``method``, ordered by seed."""
-    return [r["eval"] for r in sorted((r for r in tr["runs"] if r["method"] == method), key=lambda r: r["seed"])]
+def by_seed(tr: dict, method: str, alive: bool = False) -> dict[int, dict]:
+    """The test evaluations of ``method`` by seed; ``alive``: without the runs that collapsed
+    (see :func:`collapsed`)."""
+    failed = _failed(tr) if alive else set()
+    return {r["seed"]: r["eval"] for r in sorted(tr["runs"], key=lambda r: r["seed"])
+            if r["method"] == method and (method, r["seed"]) not in failed}
+
+
+def evals(tr: dict, method: str, alive: bool = False) -> list[dict]:
+    """The test evaluations of ``method``, ordered by seed; ``alive``: without collapsed runs,
+    as every robustness table, ranking and plot must be (a model at chance has nothing left to
+    lose and would look robust)."""
+    return list(by_seed(tr, method, alive).values())
+
+
+def run_methods(tr: dict) -> list[str]:
+    """The task's methods that have at least one run."""
+    return [m for m in tr["methods"] if any(r["method"] == m for r in tr["runs"])]
 
 
 def _mean(xs: list[float]) -> float:
@@ -48,12 +63,31 @@ def at_chance(tr: dict, value: float) -> bool:
     return value <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else value >= 0.9 * tr["chance"]
 
 
+def _valid_metric(tr: dict, entry: dict) -> Optional[float]:
+    """The best clean validation metric in the training log of a cached entry (``run["eval"]``
+    or an ablation row; the log keeps it oriented: minus the log of a perplexity), or None for
+    entries written before it was logged."""
+    best = (entry.get("train") or {}).get("best_valid")
+    if best is None:
+        return None
+    if tr["higher_is_better"]:
+        return best
+    return math.exp(-best) if best > -math.inf else math.inf
+
+
 def collapsed(tr: dict) -> list[dict]:
-    """Final runs whose clean test metric is at chance: training failed. They count in every
-    clean comparison (a collapse is the method's failure) but not in robustness ones, where a
-    model at chance has nothing left to lose and would look robust."""
-    return [{"method": r["method"], "seed": r["seed"], "metric": r["eval"]["clean"]["metric"]}
-            for r in tr.get("runs", []) if at_chance(tr, r["eval"]["clean"]["metric"])]
+    """Final runs whose training failed: the best clean validation metric at chance (decided on
+    validation, like every other choice; the test metric where no validation metric was logged).
+    They count in every clean comparison (a collapse is the method's failure) but not in
+    robustness ones, where a model at chance has nothing left to lose and would look robust."""
+    out = []
+    for r in tr.get("runs", []):
+        valid = _valid_metric(tr, r["eval"])
+        value, split = (valid, "validation") if valid is not None else (r["eval"]["clean"]["metric"], "test")
+        if at_chance(tr, value):
+            out.append({"method": r["method"], "seed": r["seed"], "metric": r["eval"]["clean"]["metric"],
+                        "decided_on": split, "decided_by": value})
+    return out
 
 
 def _failed(tr: dict) -> set:
@@ -67,48 +101,73 @@ def meaningful(tr: dict) -> dict:
     return {"plain": plain, "beats": beats, "meaningful": bool(beats) and all(beats.values())}
 
 
+def _level(tr: dict, value: float) -> float:
+    """A metric on the scale the attacks are ranked on, larger better: accuracy itself; minus
+    the log of a perplexity capped at chance (past chance every model is equally broken, and an
+    overflowed perplexity is inf)."""
+    if tr["higher_is_better"]:
+        return value
+    return -math.log(min(value, tr["chance"])) if value > 0 else math.inf
+
+
+def _unlevel(tr: dict, level: float) -> float:
+    return level if tr["higher_is_better"] else math.exp(-level)
+
+
 def attack_strength(tr: dict) -> dict:
     """Mean test metric and loss of every method under the 10-step, 50-step and 50-step x 5
     restarts projected ascent and, where run, the step-size-free ensemble; the attack every
-    verdict uses. A stronger attack is one that lowers some method's metric by more than one
-    point (or raises its loss by more than 5%) against 10 steps; of the stronger ones the verdicts
-    use the one with the lowest mean oriented metric over all methods and eps, else 10 steps."""
-    first = evals(tr, tr["methods"][0])[0]["grid"][0]
+    verdict uses. Runs that collapsed are left out, and grid points where every method sits at
+    chance under 10 steps (so under every attack) decide nothing. A stronger attack is one that
+    lowers some method's metric by more than one point (or raises its loss by more than 5%)
+    against 10 steps at an included point; of the stronger ones the verdicts use the one with the
+    lowest mean metric over every method and included eps (perplexity: log scale, capped at
+    chance), else 10 steps."""
+    methods = run_methods(tr)
+    first = evals(tr, methods[0])[0]["grid"][0]
     attacks = [a for a in (*ATTACKS, "ensemble") if a in first]
+    excluded = set(excluded_points(tr, "multi_step"))
     rows, stronger = [], {a: False for a in attacks[1:]}
     sign = _sign(tr)
-    for m in tr["methods"]:
-        es = evals(tr, m)
+    levels: dict = {a: [] for a in attacks}
+    for m in methods:
+        es = evals(tr, m, alive=True)
         if not es:
             continue
         for i, g in enumerate(es[0]["grid"]):
             cells = {a: {"metric": _mean([e["grid"][i][a]["metric"] for e in es]),
                          "loss": _mean([e["grid"][i][a]["loss"] for e in es])} for a in attacks}
+            rows.append({"method": m, "eps": g["eps"], "excluded": i in excluded, **cells})
+            if i in excluded:
+                continue
             base = cells["multi_step"]
             for a in stronger:
                 gain = sign * (base["metric"] - cells[a]["metric"])
-                rise = cells[a]["loss"] / base["loss"] - 1 if base["loss"] > 0 else 0.0
+                rise = cells[a]["loss"] / base["loss"] - 1 if base["loss"] > 0 and math.isfinite(base["loss"]) else 0.0
                 stronger[a] |= gain > tr["point"] or rise > 0.05
-            rows.append({"method": m, "eps": g["eps"], **cells})
-    level = {a: _mean([sign * r[a]["metric"] for r in rows]) for a in attacks}
+            for a in attacks:
+                levels[a].append(_mean([_level(tr, e["grid"][i][a]["metric"]) for e in es]))
+    level = {a: _mean(v) for a, v in levels.items()}
     chosen = min((a for a, s in stronger.items() if s), key=lambda a: level[a], default="multi_step")
-    return {"rows": rows, "attacks": attacks, "mean_metric": level, "verdict_attack": chosen,
+    return {"rows": rows, "attacks": attacks, "mean_metric": {a: _unlevel(tr, v) for a, v in level.items()},
+            "verdict_attack": chosen,
             "rule": "an attack is stronger when it lowers any method's metric by more than one point or raises its "
-                    "loss by more than 5% against the 10-step projected ascent; the strongest of those (lowest mean "
-                    "metric over every method and eps) decides every verdict"}
+                    "loss by more than 5% against the 10-step projected ascent at an included eps; the strongest of "
+                    "those (lowest mean metric over every method and included eps"
+                    + ("" if tr["higher_is_better"] else ", geometric mean of perplexities capped at chance")
+                    + ") decides every verdict; collapsed runs are left out"}
 
 
 def excluded_points(tr: dict, attack: str) -> list[int]:
-    """Grid indices at which every method's mean corrupted metric is at chance (within two
-    points for accuracy-like metrics, within 10% of the chance perplexity)."""
+    """Grid indices at which every method's mean corrupted metric (over the runs that did not
+    collapse) is at chance (within two points for accuracy-like metrics, within 10% of the chance
+    perplexity)."""
     out = []
+    methods = [m for m in run_methods(tr) if evals(tr, m, alive=True)]
     grid = evals(tr, "plain")[0]["grid"]
     for i in range(len(grid)):
-        flags = []
-        for m in tr["methods"]:
-            v = _mean([e["grid"][i][attack]["metric"] for e in evals(tr, m)])
-            flags.append(v <= tr["chance"] + 2 * tr["point"] if tr["higher_is_better"] else v >= 0.9 * tr["chance"])
-        if all(flags):
+        if all(at_chance(tr, _mean([e["grid"][i][attack]["metric"] for e in evals(tr, m, alive=True)]))
+               for m in methods):
             out.append(i)
     return out
 
@@ -118,7 +177,7 @@ def _all_calls(calls: list[str]) -> str:
 
 
 def finding_1(tr: dict) -> dict:
-    es = evals(tr, "plain")
+    es = evals(tr, "plain", alive=True)
     rows = []
     for i, g in enumerate(es[0]["grid"]):
         p = paired([e["grid"][i]["indicators"]["one_step"] for e in es], [e["grid"][i]["indicators"]["random"] for e in es])
@@ -132,7 +191,7 @@ def finding_1(tr: dict) -> dict:
 
 
 def finding_2(tr: dict) -> dict:
-    es = evals(tr, "plain")
+    es = evals(tr, "plain", alive=True)
     rows = [{"eps": g["eps"], "diff": paired([e["grid"][i]["indicators"]["multi_step"] for e in es],
                                              [e["grid"][i]["indicators"]["one_step"] for e in es]).as_dict()}
             for i, g in enumerate(es[0]["grid"])]
@@ -145,7 +204,7 @@ def finding_2(tr: dict) -> dict:
 
 
 def finding_3a(tr: dict) -> dict:
-    es = evals(tr, "plain")
+    es = evals(tr, "plain", alive=True)
     rows = []
     for i, s in enumerate(es[0]["sweep"]):
         fo = _mean([e["sweep"][i]["first_order"] for e in es])
@@ -158,13 +217,16 @@ def finding_3a(tr: dict) -> dict:
             "rows": rows, "verdict": "CONFIRMED" if ok else "NOT CONFIRMED"}
 
 
-def finding_3b(tr: dict, attack: str) -> dict:
+def finding_3b(tr: dict, attack: str, excluded: list[int]) -> dict:
     """Spearman correlation, over every trained model (methods x seeds), between each indicator
-    and the measured drop of the test metric under ``attack``, per eps."""
+    and the measured drop of the test metric under ``attack``, per included eps (where every
+    model sits at chance the drop is only the clean metric's distance to chance)."""
     failed = _failed(tr)
     models = [r["eval"] for r in tr["runs"] if (r["method"], r["seed"]) not in failed]
     rows = []
     for i, g in enumerate(models[0]["grid"]):
+        if i in excluded:
+            continue
         measured = [drop(tr, e, i, attack) for e in models]
         for ind in INDICATORS:
             if ind not in g["indicators"]:
@@ -174,30 +236,30 @@ def finding_3b(tr: dict, attack: str) -> dict:
     backwards = [f"{r['indicator']} at eps {r['eps']}" for r in rows if r["call"] == "backwards"]
     agrees = sum(r["call"] == "agrees" for r in rows)
     return {"finding": "3b. each indicator ranks the trained models in the order of their measured robustness",
-            "rule": f"Spearman rho (95% Fisher-z interval) between the indicator on the attack data and the measured "
-                    f"test-metric drop under the verdict attack, over the {len(models)} trained models not collapsed "
-                    f"to chance, per eps",
-            "rows": rows, "backwards": backwards,
+            "rule": f"Spearman rho (95% Fisher-z interval; at |rho| = 1 the exact p decides) between the indicator on "
+                    f"the attack data and the measured test-metric drop under the verdict attack, over the {len(models)} "
+                    f"trained models not collapsed to chance, per included eps ({len(excluded)} excluded)",
+            "rows": rows, "backwards": backwards, "excluded": len(excluded),
             "verdict": f"agrees at {agrees}/{len(rows)} (indicator, eps) pairs; ranks backwards at "
                        + (", ".join(backwards) if backwards else "none")}
 
 
 def compare(tr: dict, a: str, b: str, attack: str, excluded: list[int]) -> Optional[dict]:
-    """Method ``a`` against ``b`` over shared seeds: clean metric (oriented a - b) and, per
-    included eps, the drop of b minus the drop of a (positive: a more robust) and b's loss rise
-    minus a's."""
-    ea, eb = evals(tr, a), evals(tr, b)
-    n = min(len(ea), len(eb))
-    if n == 0:
+    """Method ``a`` against ``b`` over the seeds both have, paired by seed: clean metric
+    (oriented a - b) over every shared seed and, per included eps, the drop of b minus the drop
+    of a (positive: a more robust) and b's loss rise minus a's over the shared seeds where
+    neither run collapsed. Seeds only one method has are listed, never paired."""
+    ea, eb = by_seed(tr, a), by_seed(tr, b)
+    seeds = sorted(set(ea) & set(eb))
+    if not seeds:
         return None
-    ea, eb = ea[:n], eb[:n]
     sign = _sign(tr)
-    clean = paired([sign * e["clean"]["metric"] for e in ea], [sign * e["clean"]["metric"] for e in eb])
+    clean = paired([sign * ea[s]["clean"]["metric"] for s in seeds], [sign * eb[s]["clean"]["metric"] for s in seeds])
     failed = _failed(tr)
-    keep = [s for s in range(n) if (a, s) not in failed and (b, s) not in failed]  # evals are in seed order
+    keep = [s for s in seeds if (a, s) not in failed and (b, s) not in failed]
     ra, rb = [ea[s] for s in keep], [eb[s] for s in keep]
     rows = []
-    for i, g in enumerate(ea[0]["grid"]):
+    for i, g in enumerate(ea[seeds[0]]["grid"]):
         if i in excluded:
             continue
         d = paired([drop(tr, e, i, attack) for e in rb], [drop(tr, e, i, attack) for e in ra])
@@ -205,28 +267,44 @@ def compare(tr: dict, a: str, b: str, attack: str, excluded: list[int]) -> Optio
         rows.append({"eps": g["eps"], "drop": d.as_dict(), "loss_rise": l.as_dict()})
     calls = [r["drop"]["call"] for r in rows]
     robust = ("better" if calls and calls.count("better") * 2 >= len(calls) and "worse" not in calls
-              else "worse" if calls and calls.count("worse") * 2 >= len(calls) and "better" not in calls else "tie")
-    return {"a": a, "b": b, "seeds": n, "robust_seeds": len(keep), "clean": clean.as_dict(), "rows": rows,
-            "robust": robust, "excluded": len(excluded)}
+              else "worse" if calls and calls.count("worse") * 2 >= len(calls) and "better" not in calls
+              else TOO_FEW if len(keep) < MIN_PAIRS else "tie")
+    return {"a": a, "b": b, "seeds": len(seeds), "robust_seeds": len(keep), "clean": clean.as_dict(), "rows": rows,
+            "robust": robust, "excluded": len(excluded),
+            "unpaired": {m: sorted(set(e) - set(seeds)) for m, e in ((a, ea), (b, eb)) if set(e) - set(seeds)}}
+
+
+#: the controls finding 4 must be decided against (the papers' claim); others run are shown too
+REQUIRED = ("plain", "plain_matched", "one_step", "sam")
 
 
 def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
     head = tr["headline"]
     if head is None:
         return None
-    comps = [c for c in (compare(tr, head, m, attack, excluded) for m in CONTROLS if m in tr["methods"]) if c]
+    comps = [c for c in (compare(tr, head, m, attack, excluded) for m in CONTROLS if m in run_methods(tr)) if c]
     clean_wins = [c["b"] for c in comps if c["clean"]["call"] == "better"]
     robust_wins = [c["b"] for c in comps if c["robust"] == "better"]
     both = [c["b"] for c in comps if c["clean"]["call"] == "better" and c["robust"] == "better"]
+    decided = {c["b"] for c in comps if c["seeds"] >= MIN_PAIRS and c["robust_seeds"] >= MIN_PAIRS}
+    missing = [m for m in REQUIRED if m not in decided]
+    if missing:
+        verdict = (f"NOT DECIDED (no comparison on {MIN_PAIRS} or more seeds with: {', '.join(missing)}; "
+                   f"clean better than: {', '.join(clean_wins) or 'none'}; more robust than: {', '.join(robust_wins) or 'none'})")
+    elif len(both) == len(comps):
+        verdict = "CONFIRMED"
+    else:
+        verdict = (f"NOT CONFIRMED (clean better than: {', '.join(clean_wins) or 'none'}; "
+                   f"more robust than: {', '.join(robust_wins) or 'none'})")
     return {"finding": f"4. APD ({head}, K chosen on validation) gives better clean metrics and better metrics under "
                        "corruption than plain, compute-matched plain, one-step training and tuned SAM",
-            "rule": "per control, paired over seeds: clean metric better when the interval of (APD - control) is above 0; "
+            "rule": "per control, paired by seed: clean metric better when the interval of (APD - control) is above 0; "
                     "more robust when the interval of (control's drop - APD's drop) is above 0 at half of the included eps "
-                    "or more and below 0 at none",
+                    f"or more and below 0 at none; decided only when every one of {', '.join(REQUIRED)} was run on "
+                    f"{MIN_PAIRS} seeds or more, and confirmed only when APD is better on both counts against every "
+                    "control run",
             "comparisons": comps, "clean_better_than": clean_wins, "more_robust_than": robust_wins,
-            "verdict": "CONFIRMED" if comps and len(both) == len(comps) else
-                       f"NOT CONFIRMED (clean better than: {', '.join(clean_wins) or 'none'}; "
-                       f"more robust than: {', '.join(robust_wins) or 'none'})"}
+            "missing_controls": missing, "verdict": verdict}
 
 
 def decide(tr: dict) -> dict:
@@ -236,14 +314,15 @@ def decide(tr: dict) -> dict:
     attack = strength["verdict_attack"]
     excluded = excluded_points(tr, attack)
     out = {"meaningful": status, "attack_strength": strength, "collapsed": collapsed(tr),
-           "excluded_points": [evals(tr, "plain")[0]["grid"][i]["eps"] for i in excluded]}
+           "excluded_points": [evals(tr, "plain")[0]["grid"][i]["eps"] for i in excluded],
+           "methods_without_runs": [m for m in tr["methods"] if m not in run_methods(tr)]}
     if not status["meaningful"]:
         out["findings"] = []
         out["note"] = "NOT MEANINGFUL: the plain model does not beat every classical reference; no finding is decided"
         return out
-    out["findings"] = [f for f in (finding_1(tr), finding_2(tr), finding_3a(tr), finding_3b(tr, attack),
+    out["findings"] = [f for f in (finding_1(tr), finding_2(tr), finding_3a(tr), finding_3b(tr, attack, excluded),
                                    finding_4(tr, attack, excluded)) if f is not None]
-    out["k_ablation"] = [c for c in (compare(tr, m, "plain", attack, excluded) for m in tr["methods"]
+    out["k_ablation"] = [c for c in (compare(tr, m, "plain", attack, excluded) for m in run_methods(tr)
                                      if m.startswith("apd")) if c]
     return out
 
@@ -253,51 +332,118 @@ AFTER = (1, 5, 20)  #: searched-flip counts whose metric the bit-flip comparison
 
 def _after(row: dict, n: int) -> float:
     hist = row["search"]["metric_history"]
-    return hist[min(n, len(hist) - 1)]  # a search stopped at half keeps that value
+    return hist[min(n, len(hist) - 1)]  # a search stops once the metric halved and keeps that value
+
+
+def censored_sign_test(a: list[Optional[int]], b: list[Optional[int]]) -> dict:
+    """Paired comparison of counts censored at a budget (None: the budget was reached first, so
+    the true count is larger than every observed one): per pair, which needed more, where that
+    is known (both censored: unknown); an exact two-sided sign test on the known, unequal pairs.
+    The call: better (a needed more) or worse when p < 0.05, else tie; too few pairs below 3
+    known pairs."""
+    more = less = equal = unknown = 0
+    for x, y in zip(a, b):
+        if x is None and y is None:
+            unknown += 1
+        elif x is None or (y is not None and x > y):
+            more += 1
+        elif y is None or x < y:
+            less += 1
+        else:
+            equal += 1
+    n = more + less
+    p = float(_binom_p(more, n)) if n else 1.0
+    call = (TOO_FEW if more + less + equal < MIN_PAIRS else
+            "better" if p < 0.05 and more > less else "worse" if p < 0.05 and less > more else "tie")
+    return {"kind": "censored", "a_more": more, "b_more": less, "equal": equal, "unknown": unknown, "p": p,
+            "call": call}
+
+
+def _binom_p(k: int, n: int) -> float:
+    """Two-sided exact sign-test p of k successes in n fair trials."""
+    tail = sum(math.comb(n, i) for i in range(0, min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _verdict(calls: list[str]) -> str:
+    """The finding-4 rule over a list of calls: better at half or more and worse at none."""
+    decided = [c for c in calls if c != TOO_FEW]
+    if not decided:
+        return TOO_FEW
+    if decided.count("better") * 2 >= len(decided) and "worse" not in decided:
+        return "better"
+    if decided.count("worse") * 2 >= len(decided) and "better" not in decided:
+        return "worse"
+    return "tie"
 
 
 def bitflip_comparisons(tr: dict) -> list[dict]:
-    """The headline APD against each control under int8 bit flips, paired over seeds, on drops
-    from each model's own int8 metric: after the largest random flip count, after 1/5/20
-    searched flips, and the searched flips needed to halve the metric (seeds never halved are
-    counted at the budget, so that row is a lower bound)."""
+    """The headline APD against each control under int8 bit flips, paired by seed over the seeds
+    where neither run collapsed, on drops from each model's own int8 metric: after the largest
+    random flip count and after 1/5/20 searched flips (a search stops once the metric halved, so
+    a weak model's drop there is capped at half its metric), and the searched flips needed to
+    halve it (censored at the search budget: a sign test on the pairs whose order is known).
+    Rows where every method's mean metric sits at chance are excluded; the verdict per control
+    follows finding 4's rule over the int8 rows (float32 exponent flips: their own verdict)."""
     flips = tr.get("bitflips") or []
-    by = {}
+    by: dict = {}
     for r in flips:
         by.setdefault(r["method"], {})[r["seed"]] = r
-    head = tr["headline"]
+    head, sign = tr["headline"], _sign(tr)
+    failed = _failed(tr)
+    alive = {m: [r for s, r in rs.items() if (m, s) not in failed] for m, rs in by.items()}
+
+    def everyone_at_chance(value) -> bool:
+        return all(at_chance(tr, _mean([value(r) for r in rs])) for rs in alive.values() if rs)
+
     out = []
     for c in CONTROLS:
         if c not in by or head not in by:
             continue
-        failed = _failed(tr)
         seeds = sorted(s for s in set(by[c]) & set(by[head]) if (c, s) not in failed and (head, s) not in failed)
         if not seeds:
             continue
         a, b = [by[head][s] for s in seeds], [by[c][s] for s in seeds]
         top = a[0]["random"][-1]["flips"]
+        rows, excluded = {}, []
 
-        def random_drop(r: dict) -> float:
-            return r["quantized_metric"] - _mean(r["random"][-1]["metrics"])
+        def add(name: str, level, drop) -> None:  # level(r): the metric after the flips; drop(r): clean - level
+            rows[name] = paired([sign * drop(r) for r in b], [sign * drop(r) for r in a]).as_dict()
+            if everyone_at_chance(level):
+                excluded.append(name)
 
-        budget = tr["bitflip_config"]["search_flips"]
-        halve = lambda r: budget if r["search"]["flips_to_halve"] is None else r["search"]["flips_to_halve"]  # noqa: E731
-        rows = {f"random {top}": paired([random_drop(r) for r in b], [random_drop(r) for r in a]).as_dict()}
+        def random_level(r: dict) -> float:
+            return _mean(r["random"][-1]["metrics"])
+
+        add(f"random {top}", random_level, lambda r: r["quantized_metric"] - random_level(r))
         for n in AFTER:
-            rows[f"after {n} searched"] = paired([r["quantized_metric"] - _after(r, n) for r in b],
-                                                 [r["quantized_metric"] - _after(r, n) for r in a]).as_dict()
-        rows["flips to halve (lower bound)"] = paired([halve(r) for r in a], [halve(r) for r in b]).as_dict()
+            add(f"after {n} searched", lambda r, n=n: _after(r, n), lambda r, n=n: r["quantized_metric"] - _after(r, n))
+        rows["flips to halve"] = censored_sign_test([r["search"]["flips_to_halve"] for r in a],
+                                                    [r["search"]["flips_to_halve"] for r in b])
+        int8 = [k for k in rows if k not in excluded]
+        floats = []
         if "float32_exponent" in a[0]:
             for i, row in enumerate(a[0]["float32_exponent"]["random"]):
-                def fdrop(r: dict, i: int = i) -> float:
-                    f = r["float32_exponent"]
-                    return f["float_metric"] - _mean(f["random"][i]["metrics"])
+                def flevel(r: dict, i: int = i) -> float:
+                    return _mean(r["float32_exponent"]["random"][i]["metrics"])
 
-                rows[f"float32 exponent {row['flips']}"] = paired([fdrop(r) for r in b], [fdrop(r) for r in a]).as_dict()
-        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows,
+                name = f"float32 exponent {row['flips']}"
+                add(name, flevel, lambda r, f=flevel: r["float32_exponent"]["float_metric"] - f(r))
+                if name not in excluded:
+                    floats.append(name)
+        out.append({"a": head, "b": c, "seeds": len(seeds), "rows": rows, "excluded": excluded,
+                    "robust": _verdict([rows[k]["call"] for k in int8]),
+                    "robust_float32": _verdict([rows[k]["call"] for k in floats]) if floats else None,
                     "never_halved": {head: sum(r["search"]["flips_to_halve"] is None for r in a),
                                      c: sum(r["search"]["flips_to_halve"] is None for r in b)}})
     return out
+
+
+def _row_collapsed(tr: dict, row: dict) -> bool:
+    """An ablation row's run collapsed: its best validation metric at chance (its test
+    ``clean_subset_metric`` where no training log came with it)."""
+    valid = _valid_metric(tr, row)
+    return at_chance(tr, valid if valid is not None else row["clean_subset_metric"])
 
 
 def _ablation_pairs(tr: dict, rows: list[dict], a, controls: list) -> list[dict]:
@@ -327,7 +473,7 @@ def _ablation_pairs(tr: dict, rows: list[dict], a, controls: list) -> list[dict]
         if c not in by or c == a:
             continue
         seeds = sorted(set(by[c]) & set(by[a]))
-        alive = [s for s in seeds if not any(at_chance(tr, by[m][s]["clean_subset_metric"]) for m in (a, c))]
+        alive = [s for s in seeds if not any(_row_collapsed(tr, by[m][s]) for m in (a, c))]
         ra, rb = [by[a][s] for s in alive], [by[c][s] for s in alive]
         pairs = []
         for i, row in enumerate(first):
@@ -360,6 +506,6 @@ def equal_compute_comparisons(tr: dict) -> list[dict]:
     budget ablation (see _ablation_pairs): clean test metric over every seed, drops under the
     attack ensemble at every eval eps where neither run collapsed."""
     rows = [{"method": r["k"], "seed": r["seed"], "clean": r["clean"], "clean_subset_metric": r["clean_subset_metric"],
-             "rows": [{"budget": "ensemble", **e} for e in r["ensemble"]]} for r in tr.get("equal_compute") or []]
+             "train": r.get("train"), "rows": [{"budget": "ensemble", **e} for e in r["ensemble"]]} for r in tr.get("equal_compute") or []]
     ks = sorted({r["method"] for r in rows})
     return [c for k in ks[1:] for c in _ablation_pairs(tr, rows, k, ks[:1])]

@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 
 from .. import __version__
-from .cache import write_json
+from .cache import strict_json, write_json
 from .findings import (bitflip_comparisons, budget_comparisons, decide, equal_compute_comparisons, evals,
-                       shaped_defense_comparisons)
+                       run_methods, shaped_defense_comparisons)
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -52,6 +52,16 @@ def _label(m: str) -> str:
     return METHODS.get(m, m)
 
 
+def _minus(tr: dict, a: str, b: str) -> str:
+    """How an oriented difference reads in the metric's own terms: ``a - b`` when higher is
+    better, ``b - a`` for perplexity (positive favours ``a`` either way)."""
+    return f"{a} - {b}" if tr["higher_is_better"] else f"{b} - {a}"
+
+
+def _damage(tr: dict) -> str:
+    return "Drop" if tr["higher_is_better"] else "Rise"
+
+
 def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     cfg, dec = tr["config"], tr["decision"]
     metric = cfg["metric_name"]
@@ -86,16 +96,21 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
               "unless the method says otherwise.", ""]
     lines += ["### Clean test metric", "", f"| method | passes per step | training compute (x plain) | {metric} | test loss |",
               "|---|---|---|---|---|"]
-    for m in tr["methods"]:
+    methods = run_methods(tr)
+    for m in methods:
         es = evals(tr, m)
         run = next(r for r in tr["runs"] if r["method"] == m)
         lines.append(f"| {_label(m)} | {run['passes']} | {run['compute']} | {_ms([e['clean']['metric'] for e in es])} | "
                      f"{_ms([e['clean']['loss'] for e in es], 3)} |")
     if dec.get("collapsed"):
-        lines += ["", "**Collapsed runs** (clean test metric at chance: training failed): "
+        lines += ["", "**Collapsed runs** (training failed: the best clean validation metric at chance; test metric "
+                  "in brackets): "
                   + ", ".join(f"{_label(c['method'])} seed {c['seed']} ({_fmt(c['metric'])})" for c in dec["collapsed"])
-                  + ". They count in every clean comparison and are left out of the robustness ones (drops, rankings, "
-                  "bit flips, budgets), where a model at chance would look robust."]
+                  + ". They count in every clean "
+                  "comparison and are left out of everything about robustness (drops, the attack-strength check, "
+                  "rankings, per-layer, bit-flip and budget tables, plots), where a model at chance would look robust."]
+    if dec.get("methods_without_runs"):
+        lines += ["", f"Methods listed but not run: {', '.join(map(_label, dec['methods_without_runs']))}."]
     eps = [g["eps"] for g in evals(tr, "plain")[0]["grid"]]
     strength = dec["attack_strength"]
     names = {"multi_step": "10 steps", "multi_step_50": "50 steps", "multi_step_50x5": "50 steps x 5 restarts",
@@ -106,15 +121,21 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
               "| method | eps | " + " | ".join(f"{metric}: {names[a]}" for a in attacks) + " | "
               + " | ".join(f"loss: {names[a]}" for a in attacks) + " |", "|---|---|" + "---|" * (2 * len(attacks))]
     for r in strength["rows"]:
-        lines.append(f"| {_label(r['method'])} | {r['eps']} | " + " | ".join(_fmt(r[a]['metric']) for a in attacks)
+        lines.append(f"| {_label(r['method'])} | {r['eps']}{' (excluded)' if r.get('excluded') else ''} | "
+                     + " | ".join(_fmt(r[a]['metric']) for a in attacks)
                      + " | " + " | ".join(_fmt(r[a]['loss'], 3) for a in attacks) + " |")
-    lines += ["", "Mean over every method and eps: " + ", ".join(f"{names[a]} {_fmt(strength['mean_metric'][a])}" for a in attacks) + "."]
+    mean_kind = "mean" if tr["higher_is_better"] else "geometric mean (capped at chance)"
+    lines += ["", f"{mean_kind[0].upper() + mean_kind[1:]} over every method and included eps: "
+              + ", ".join(f"{names[a]} {_fmt(strength['mean_metric'][a])}" for a in attacks) + "."]
     attack = dec["attack_strength"]["verdict_attack"]
-    lines += ["", f"### Drop of {metric} from each model's own clean value ({attack}, test data)", "",
+    lines += ["", f"### {_damage(tr)} of {metric} from each model's own clean value ({attack}, test data, runs that "
+              "did not collapse)", "",
               "| method | " + " | ".join(f"eps {e}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
     sign = 1 if tr["higher_is_better"] else -1
-    for m in tr["methods"]:
-        es = evals(tr, m)
+    for m in methods:
+        es = evals(tr, m, alive=True)
+        if not es:
+            continue
         cells = [_ms([sign * (e["clean"]["corrupted_subset_metric"] - e["grid"][i][attack]["metric"]) for e in es])
                  for i in range(len(eps))]
         lines.append(f"| {_label(m)} | " + " | ".join(cells) + " |")
@@ -126,13 +147,15 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
         lines += [f"Excluded (every model at chance): eps {', '.join(map(str, dec['excluded_points']))}.", ""]
     lines += ["### Findings", ""]
     if not dec["findings"]:
-        lines += [f"- {dec['note']}", ""]
+        lines += [f"- {dec['note']}" + (" (nor any comparison under bit flips, other budgets or at equal compute; "
+                                         "the tables below are descriptive only)" if "NOT MEANINGFUL" in dec["note"] else ""), ""]
     for f in dec["findings"]:
         lines += [f"#### {f['finding']}", "", f"Rule: {f['rule']}. **Verdict: {f['verdict']}**", ""]
-        lines += _finding_rows(f)
+        lines += _finding_rows(tr, f)
     if dec.get("k_ablation"):
         lines += ["#### APD's K against plain training (same rules as finding 4)", "",
-                  "| method | clean (APD - plain) | robust | drops (plain - APD) per eps |", "|---|---|---|---|"]
+                  f"| method | clean ({_minus(tr, 'APD', 'plain')}) | robust | {_damage(tr).lower()}s (plain - APD) per eps |",
+                  "|---|---|---|---|"]
         for c in dec["k_ablation"]:
             lines.append(f"| {_label(c['a'])} | {_pair(c['clean'])} | {c['robust']} | "
                          + "; ".join(f"{r['eps']}: {_fmt(r['drop']['mean'])} ({r['drop']['call']})" for r in c["rows"]) + " |")
@@ -162,23 +185,29 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     return lines
 
 
-def _finding_rows(f: dict) -> list[str]:
+def _finding_rows(tr: dict, f: dict) -> list[str]:
     if "comparisons" in f:
-        lines = ["| control | seeds | clean (APD - control) | robust | drop (control - APD) and loss rise (control - APD) per included eps |",
+        lines = [f"| control | seeds | clean ({_minus(tr, 'APD', 'control')}) | robust | {_damage(tr).lower()} (control - APD) "
+                 "and loss rise (control - APD) per included eps |",
                  "|---|---|---|---|---|"]
         for c in f["comparisons"]:
             cells = "<br>".join(f"eps {r['eps']}: drop {_pair(r['drop'])}; loss {_fmt(r['loss_rise']['mean'], 3)} ({r['loss_rise']['call']})"
                                 for r in c["rows"])
             seeds = c["seeds"] if c.get("robust_seeds", c["seeds"]) == c["seeds"] else f"{c['seeds']} ({c['robust_seeds']} for drops)"
+            if c.get("unpaired"):
+                seeds = f"{seeds}; unpaired: " + ", ".join(f"{_label(m)} seeds {', '.join(map(str, ss))}"
+                                                          for m, ss in c["unpaired"].items())
             lines.append(f"| {_label(c['b'])} | {seeds} | {_pair(c['clean'])} | **{c['robust']}** | {cells} |")
         return lines + [""]
     rows = f["rows"]
-    if rows and "indicator" in rows[0]:
+    if not rows:
+        return ["No included grid point: every model sits at chance at every eps.", ""]
+    if "indicator" in rows[0]:
         lines = ["| eps | indicator | Spearman rho [95%] | p | call |", "|---|---|---|---|---|"]
         lines += [f"| {r['eps']} | {r['indicator']} | {_fmt(r['rho'], 3)} [{_fmt(r['low'], 3)}, {_fmt(r['high'], 3)}] | "
                   f"{_fmt(r['p'], 3)} | {r['call']} |" for r in rows]
         return lines + [""]
-    if rows and "rel_error" in rows[0]:
+    if "rel_error" in rows[0]:
         lines = ["| eps | first-order | one-step ΔL | relative error |", "|---|---|---|---|"]
         lines += [f"| {r['eps']} | {_fmt(r['first_order'], 5)} | {_fmt(r['one_step'], 5)} | {_fmt(r['rel_error'], 3)} |" for r in rows]
         return lines + [""]
@@ -189,15 +218,17 @@ def _finding_rows(f: dict) -> list[str]:
 
 
 def _layers_markdown(tr: dict) -> list[str]:
-    methods = [m for m in ("plain", tr["headline"]) if m and m in tr["methods"]]
-    first = evals(tr, methods[0])[0]
+    methods = [m for m in ("plain", tr["headline"]) if m and evals(tr, m, alive=True)]
+    if not methods:
+        return []
+    first = evals(tr, methods[0], alive=True)[0]
     which = "weight matrix" if tr["config"].get("layer_table") == "matrices" else "tensor"
     lines = [f"#### Per-layer vulnerability, measured (one {which} corrupted alone, 10-step, layer eps "
              f"{first['layers_eps']}, test metric, mean over seeds)", "", "| tensor | size | " + " | ".join(_label(m) for m in methods) + " |",
              "|---|---|" + "---|" * len(methods)]
     for i, row in enumerate(first["layers"]):
         lines.append(f"| {row['name']} | {row['numel']} | "
-                     + " | ".join(_ms([e["layers"][i]["metric"] for e in evals(tr, m)]) for m in methods) + " |")
+                     + " | ".join(_ms([e["layers"][i]["metric"] for e in evals(tr, m, alive=True)]) for m in methods) + " |")
     return lines + [""]
 
 
@@ -272,14 +303,30 @@ def _budget_markdown(tr: dict) -> list[str]:
     return lines + [""]
 
 
+def _alive_flips(tr: dict) -> list[dict]:
+    """Bit-flip rows of the runs that did not collapse."""
+    failed = {(c["method"], c["seed"]) for c in tr["decision"].get("collapsed", [])}
+    return [r for r in tr["bitflips"] if (r["method"], r["seed"]) not in failed]
+
+
+def _flip_cell(p: dict) -> str:
+    if p.get("kind") == "censored":
+        return (f"APD more {p['a_more']}, control more {p['b_more']}, equal {p['equal']}, unknown {p['unknown']}; "
+                f"sign test p={_fmt(p['p'], 3)}, **{p['call']}**")
+    return _pair(p, 3)
+
+
 def _bitflip_markdown(tr: dict) -> list[str]:
     metric = tr["config"]["metric_name"]
     by: dict = {}
-    for r in tr["bitflips"]:
+    for r in _alive_flips(tr):
         by.setdefault(r["method"], []).append(r)
+    if not by:
+        return []
     counts = [row["flips"] for row in tr["bitflips"][0]["random"]]
-    lines = [f"### {metric} under int8 bit flips (per-channel scales)", "",
-             "| method | int8 clean | " + " | ".join(f"random {n}" for n in counts) + " | searched flips to halve | never halved |",
+    lines = [f"### {metric} under int8 bit flips (per-channel scales; runs that did not collapse)", "",
+             "| method | int8 clean | " + " | ".join(f"random {n}" for n in counts)
+             + " | searched flips to halve (mean of the seeds that halved) | never halved within the budget |",
              "|---|---|" + "---|" * (len(counts) + 2)]
     for m, rs in by.items():
         halves = [r["search"]["flips_to_halve"] for r in rs]
@@ -295,13 +342,25 @@ def _bitflip_markdown(tr: dict) -> list[str]:
             lines.append(f"| {_label(m)} | {_ms([r['float32_exponent']['float_metric'] for r in rs])} | "
                          + " | ".join(_ms([x for r in rs for x in r["float32_exponent"]["random"][i]["metrics"]])
                                       for i in range(len(fcounts))) + " |")
-    lines += ["", f"Headline APD against each control, on drops from each model's own int8 {metric} (float32 rows: from its float32 {metric}; paired over seeds):", "",
-              "| control | " + " | ".join(tr["bitflip_comparisons"][0]["rows"]) + " |" if tr["bitflip_comparisons"] else "",
-              "|---|" + "---|" * len(tr["bitflip_comparisons"][0]["rows"]) if tr["bitflip_comparisons"] else ""]
-    for c in tr["bitflip_comparisons"]:
-        lines.append(f"| {_label(c['b'])} | " + " | ".join(_pair(p, 3) for p in c["rows"].values()) + " |")
-    return lines + ["", "Positive differences favour APD (a smaller drop, or more flips needed); seeds never halved count "
-                    "at the search budget, so the last column is a lower bound.", ""]
+    comps = tr.get("bitflip_comparisons")
+    if not comps:
+        return lines + [""]
+    names = list(comps[0]["rows"])
+    lines += ["", f"Headline APD against each control, paired by seed, on drops from each model's own int8 {metric} "
+              f"(float32 rows: from its float32 {metric}); verdict by finding 4's rule over the int8 rows "
+              "(float32 rows: their own):", "",
+              "| control | seeds | int8 verdict | float32 verdict | " + " | ".join(names) + " |",
+              "|---|---|---|---|" + "---|" * len(names)]
+    for c in comps:
+        lines.append(f"| {_label(c['b'])} | {c['seeds']} | **{c['robust']}** | {c.get('robust_float32') or '-'} | "
+                     + " | ".join(_flip_cell(c["rows"][k]) + (" (excluded: every model at chance)" if k in c.get("excluded", [])
+                                                               else "") for k in names) + " |")
+    budget = tr.get("bitflip_config", {}).get("search_flips")
+    return lines + ["", "Positive differences favour APD (a smaller drop). The progressive search stops once a model's "
+                    "metric has halved, so after that its metric stays at the halved value: the 'after n searched' rows "
+                    "understate the drops of the models that halved early. Flips to halve are censored at the search "
+                    f"budget ({budget} flips): a pair in which neither model halved has an unknown order and is left out "
+                    "of the sign test.", ""]
 
 
 def summary_table(results: dict) -> list[str]:
@@ -332,8 +391,10 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     attack = tr["decision"]["attack_strength"]["verdict_attack"]
     sign = 1 if tr["higher_is_better"] else -1
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
-    for m in tr["methods"]:
-        es = evals(tr, m)
+    for m in run_methods(tr):
+        es = evals(tr, m, alive=True)
+        if not es:
+            continue
         eps = [g["eps"] for g in es[0]["grid"]]
         for ax, what in zip(axes, ("metric", "loss")):
             if what == "metric":
@@ -359,7 +420,7 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for m in tr["methods"]:
+    for m in run_methods(tr):
         pts = [(s["first_order"], s["one_step"]) for e in evals(tr, m) for s in e["sweep"]]
         pts = [p for p in pts if p[0] > 0 and p[1] > 0]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=COLORS.get(m), label=_label(m))
@@ -374,12 +435,12 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
     fig.savefig(out / f"{name}_indicator.png", dpi=110)
     plt.close(fig)
 
-    methods = [m for m in ("plain", tr["headline"]) if m and m in tr["methods"]]
-    names = [r["name"] for r in evals(tr, methods[0])[0]["layers"]]
+    methods = [m for m in ("plain", tr["headline"]) if m and evals(tr, m, alive=True)]
+    names = [r["name"] for r in evals(tr, methods[0], alive=True)[0]["layers"]] if methods else []
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(names) + 1.5))
-    h = 0.8 / len(methods)
+    h = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
-        es = evals(tr, m)
+        es = evals(tr, m, alive=True)
         vals = [sum(sign * (e["clean"]["corrupted_subset_metric"] - e["layers"][i]["metric"]) for e in es) / len(es) for i in range(len(names))]
         ax.barh([i + j * h for i in range(len(names))], vals, height=h, color=COLORS.get(m), label=_label(m))
     ax.set_yticks([i + h * (len(methods) - 1) / 2 for i in range(len(names))], names, fontsize=7)
@@ -402,10 +463,11 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
         fig.savefig(out / f"{name}_hessian_density.png", dpi=110)
         plt.close(fig)
 
-    if tr.get("bitflips"):
+    if tr.get("bitflips") and _alive_flips(tr):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for m in dict.fromkeys(r["method"] for r in tr["bitflips"]):
-            rs = [r for r in tr["bitflips"] if r["method"] == m]
+        flips = _alive_flips(tr)
+        for m in dict.fromkeys(r["method"] for r in flips):
+            rs = [r for r in flips if r["method"] == m]
             counts = [row["flips"] for row in rs[0]["random"]]
             a1.plot(counts, [sum(sum(r["random"][i]["metrics"]) / len(r["random"][i]["metrics"]) for r in rs) / len(rs)
                              for i in range(len(counts))], marker="o", color=COLORS.get(m), label=_label(m))
@@ -431,16 +493,19 @@ def write_report(results: dict, out: Path) -> Path:
     body, plotted = [], True
     for name, tr in results["tasks"].items():
         tr["decision"] = decide(tr)
-        if tr.get("bitflips"):
-            tr["bitflip_comparisons"] = bitflip_comparisons(tr)
-        if tr.get("budget_ablation"):
-            tr["budget_comparisons"] = budget_comparisons(tr)
-        if tr.get("equal_compute"):
-            tr["equal_compute_comparisons"] = equal_compute_comparisons(tr)
         if "linf_defense" in tr and "shaped_defenses" not in tr:  # a results.json from before the n-sparse defense
             tr["shaped_defenses"] = {"apd_linf": {"label": "APD trained with an L-inf budget", **tr.pop("linf_defense")}}
-        if tr.get("shaped_defenses"):
-            tr["shaped_defense_comparisons"] = shaped_defense_comparisons(tr)
+        for key in ("bitflip_comparisons", "budget_comparisons", "equal_compute_comparisons", "shaped_defense_comparisons"):
+            tr.pop(key, None)  # recomputed below, or absent where nothing may be decided
+        if tr["decision"]["meaningful"]["meaningful"]:  # a task that decides nothing compares nothing
+            if tr.get("bitflips"):
+                tr["bitflip_comparisons"] = bitflip_comparisons(tr)
+            if tr.get("budget_ablation"):
+                tr["budget_comparisons"] = budget_comparisons(tr)
+            if tr.get("equal_compute"):
+                tr["equal_compute_comparisons"] = equal_compute_comparisons(tr)
+            if tr.get("shaped_defenses"):
+                tr["shaped_defense_comparisons"] = shaped_defense_comparisons(tr)
         images = _plots(name, tr, out)
         plotted &= images
         body += task_markdown(name, tr, images)
@@ -452,6 +517,6 @@ def write_report(results: dict, out: Path) -> Path:
     if not plotted:
         header += ["matplotlib is not installed: no plots were drawn.", ""]
     header += ["## Summary", "", *summary_table(results), ""]
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", strict_json(results))
     (out / "report.md").write_text("\n".join(header + body) + "\n")
     return out / "report.md"

@@ -15,6 +15,10 @@ from scipy import stats as _scipy
 LEVEL = 0.95
 #: fewest pairs on which a difference can be called
 MIN_PAIRS = 3
+#: the call of a comparison with fewer than MIN_PAIRS pairs: neither a win nor a loss
+TOO_FEW = "too few pairs"
+#: the exact sign-flip test enumerates 2**n patterns up to this n, and samples them above it
+EXACT_SIGN_FLIPS = 20
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,12 @@ class Paired:
 
     @property
     def call(self) -> str:
-        """``"better"`` when the interval lies above 0, ``"worse"`` below, else ``"tie"``; always
-        ``"tie"`` below :data:`MIN_PAIRS` pairs (two equal differences give a zero-width interval
-        that says nothing)."""
-        if self.n < MIN_PAIRS or not math.isfinite(self.low) or not math.isfinite(self.high):
+        """``"better"`` when the interval lies above 0, ``"worse"`` below, else ``"tie"``;
+        ``"too few pairs"`` below :data:`MIN_PAIRS` pairs (two equal differences give a
+        zero-width interval that says nothing), which decides nothing either way."""
+        if self.n < MIN_PAIRS:
+            return TOO_FEW
+        if not math.isfinite(self.low) or not math.isfinite(self.high):
             return "tie"
         return "better" if self.low > 0 else "worse" if self.high < 0 else "tie"
 
@@ -64,30 +70,43 @@ def paired(a: Sequence[float], b: Sequence[float]) -> Paired:
     return Paired(n, mean, mean - half, mean + half, p_t, sign_flip_p(d))
 
 
-def sign_flip_p(d: Sequence[float]) -> float:
-    """Two-sided exact permutation p-value of ``mean(d) = 0`` under sign symmetry: the share of
-    the 2**n sign patterns whose |sum| is at least the observed one (n <= 20)."""
-    if len(d) > 20:
-        raise ValueError(f"the exact sign-flip test enumerates 2**n patterns; n={len(d)} is too many")
+def sign_flip_p(d: Sequence[float], samples: int = 100_000) -> float:
+    """Two-sided permutation p-value of ``mean(d) = 0`` under sign symmetry: the share of sign
+    patterns whose |sum| is at least the observed one; exact (all 2**n patterns) for n <= 20,
+    else estimated from ``samples`` seeded random patterns as (hits + 1) / (samples + 1)."""
     observed = abs(sum(d)) - 1e-12 * (1 + sum(abs(x) for x in d))
-    hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed
-               for signs in itertools.product((1, -1), repeat=len(d)))
-    return hits / 2 ** len(d)
+    if len(d) <= EXACT_SIGN_FLIPS:
+        hits = sum(abs(sum(s * x for s, x in zip(signs, d))) >= observed
+                   for signs in itertools.product((1, -1), repeat=len(d)))
+        return hits / 2 ** len(d)
+    import numpy as np
+
+    signs = np.random.default_rng(0).choice((-1.0, 1.0), size=(samples, len(d)))
+    hits = int((np.abs(signs @ np.asarray(d, dtype=float)) >= observed).sum())
+    return (hits + 1) / (samples + 1)
+
+
+#: up to this many pairs Spearman's p is exact (all n! orderings), above it the t approximation
+EXACT_SPEARMAN = 8
 
 
 @dataclass(frozen=True)
 class Rank:
-    """Spearman rank correlation with a Fisher-z 95% interval (standard error 1.06/sqrt(n-3))."""
+    """Spearman rank correlation with a Fisher-z 95% interval (standard error 1.06/sqrt(n-3));
+    at |rho| = 1 the interval does not exist (NaN) and the exact p decides."""
 
     n: int
     rho: float
     low: float
     high: float
-    p: float  #: two-sided, from the t approximation (as scipy.stats.spearmanr)
+    p: float  #: two-sided: exact permutation p for n <= 8, else the t approximation (as scipy.stats.spearmanr)
 
     @property
     def call(self) -> str:
-        """``"agrees"`` (interval above 0), ``"backwards"`` (below 0) or ``"undecided"``."""
+        """``"agrees"`` (interval above 0), ``"backwards"`` (below 0) or ``"undecided"``; at
+        |rho| = 1, by the exact p below 0.05."""
+        if self.n > 3 and abs(self.rho) == 1.0:
+            return ("agrees" if self.rho > 0 else "backwards") if self.p < 1 - LEVEL else "undecided"
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return "undecided"
         return "agrees" if self.low > 0 else "backwards" if self.high < 0 else "undecided"
@@ -124,13 +143,30 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> Rank:
     if sxx == 0 or syy == 0:  # a constant variable has no ranking
         return Rank(n, math.nan, -math.inf, math.inf, math.nan)
     rho = max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
-    if abs(rho) == 1.0:
+    if n <= EXACT_SPEARMAN:
+        p = _exact_spearman_p(rx, ry, sxy)
+    elif abs(rho) == 1.0:
         p = 0.0
     else:
         t = rho * math.sqrt((n - 2) / (1 - rho * rho))
         p = float(2 * _scipy.t.sf(abs(t), n - 2))
-    if n <= 3 or abs(rho) == 1.0:
-        low = high = rho if abs(rho) == 1.0 else math.nan
-        return Rank(n, rho, low if n > 3 else -math.inf, high if n > 3 else math.inf, p)
+    if n <= 3:
+        return Rank(n, rho, -math.inf, math.inf, p)
+    if abs(rho) == 1.0:
+        return Rank(n, rho, math.nan, math.nan, p)
     z, half = math.atanh(rho), _scipy.norm.ppf(0.5 + LEVEL / 2) * 1.06 / math.sqrt(n - 3)
     return Rank(n, rho, math.tanh(z - half), math.tanh(z + half), p)
+
+
+def _exact_spearman_p(rx: list[float], ry: list[float], sxy: float) -> float:
+    """Two-sided exact p of Spearman's rho: the share of the n! orderings of ``ry`` whose
+    centred rank covariance with ``rx`` is at least as far from 0 as the observed ``sxy``."""
+    n = len(rx)
+    mx, my = sum(rx) / n, sum(ry) / n
+    cx = [a - mx for a in rx]
+    observed = abs(sxy) - 1e-9
+    hits = total = 0
+    for perm in itertools.permutations([b - my for b in ry]):
+        total += 1
+        hits += abs(sum(a * b for a, b in zip(cx, perm))) >= observed
+    return hits / total
