@@ -195,6 +195,22 @@ def test_censored_flip_counts_pair_only_where_the_order_is_known():
     assert findings.censored_sign_test([None, None, None], [None, None, 3])["call"] == "too few pairs"
 
 
+def test_verdicts_use_the_worst_case_of_every_attack_per_cell():
+    evs = []
+    for s_ in range(3):
+        e = _eval(0.9, [0.8, 0.5])
+        e["grid"][0]["ensemble"] = {"metric": 0.7, "loss": 0.6}  # the ensemble is worst at the first eps
+        e["grid"][1]["ensemble"] = {"metric": 0.55, "loss": 2.0}
+        e["grid"][1]["multi_step_50x5"] = {"metric": 0.45, "loss": 0.9}  # the restarts at the second
+        evs.append(e)
+    tr = _result({"plain": evs})
+    dec = findings.decide(tr)
+    assert dec["attack_strength"]["verdict_attack"] == findings.WORST
+    cells = [g[findings.WORST] for g in tr["runs"][0]["eval"]["grid"]]
+    assert [(c["metric"], c["metric_from"]) for c in cells] == [(0.7, "ensemble"), (0.45, "multi_step_50x5")]
+    assert (cells[1]["loss"], cells[1]["loss_from"]) == (2.0, "ensemble")  # each quantity at its own worst
+
+
 def test_attack_strength_on_perplexity_ignores_excluded_overflowed_points():
     plain = [_eval(100.0, [150.0, math.inf]) for _ in range(3)]
     for e in plain:
@@ -517,7 +533,7 @@ def test_tiny_end_to_end_with_report(name, tmp_path):
     text = report.read_text()
     assert f"## Task `{name}`" in text and "selected_on" not in text and "References" in text
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in (*findings.ATTACKS, "ensemble")
+    assert data["tasks"][name]["decision"]["attack_strength"]["verdict_attack"] in (*findings.ATTACKS, "ensemble", findings.WORST)
     assert all("ensemble" in g for r in res["runs"] for g in r["eval"]["grid"])
     assert (tmp_path / f"{name}_drop_vs_eps.png").is_file()
     if task.equal_compute:  # one-step and the headline K, trained with the same gradient passes

@@ -11,6 +11,8 @@ from typing import Optional
 from .stats import MIN_PAIRS, TOO_FEW, paired, spearman
 
 ATTACKS = ("multi_step", "multi_step_50", "multi_step_50x5")  #: projected ascent, in every evaluation
+#: per run and eps, the worst of every attack run there (see add_worst_case)
+WORST = "worst_case"
 INDICATORS = ("first_order", "second_order", "random", "one_step", "multi_step")
 #: the controls APD is compared with in finding 4
 CONTROLS = ("plain", "plain_matched", "one_step", "sam", "sam_layer")
@@ -114,6 +116,28 @@ def _unlevel(tr: dict, level: float) -> float:
     return level if tr["higher_is_better"] else math.exp(-level)
 
 
+def add_worst_case(tr: dict) -> None:
+    """Give every grid cell of every run the worst case over the attacks run there (projected
+    ascent with 10, 50 and 50 x 5 steps, the ensemble), as an adversary holding all of them
+    would reach it: the lowest oriented metric and the highest loss, each with the attack that
+    reached it. Per cell it is at least as strong as every attack, so when any attack passes the
+    strength check this is the one the verdicts use (AutoAttack's worst case over its members)."""
+    sign = _sign(tr)
+
+    def badness(g: dict, a: str) -> float:
+        v = g[a]["metric"]
+        return math.inf if math.isnan(v) else -sign * v
+
+    for r in tr.get("runs", []):
+        for g in r["eval"]["grid"]:
+            attacks = [a for a in (*ATTACKS, "ensemble") if a in g]
+            if len(attacks) < 2:
+                continue
+            m = max(attacks, key=lambda a: badness(g, a))
+            lo = max(attacks, key=lambda a: g[a]["loss"] if not math.isnan(g[a]["loss"]) else math.inf)
+            g[WORST] = {"metric": g[m]["metric"], "loss": g[lo]["loss"], "metric_from": m, "loss_from": lo}
+
+
 def attack_strength(tr: dict) -> dict:
     """Mean test metric and loss of every method under the 10-step, 50-step and 50-step x 5
     restarts projected ascent and, where run, the step-size-free ensemble; the attack every
@@ -125,7 +149,7 @@ def attack_strength(tr: dict) -> dict:
     chance), else 10 steps."""
     methods = run_methods(tr)
     first = evals(tr, methods[0])[0]["grid"][0]
-    attacks = [a for a in (*ATTACKS, "ensemble") if a in first]
+    attacks = [a for a in (*ATTACKS, "ensemble", WORST) if a in first]
     excluded = set(excluded_points(tr, "multi_step"))
     rows, stronger = [], {a: False for a in attacks[1:]}
     sign = _sign(tr)
@@ -309,6 +333,7 @@ def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
 
 def decide(tr: dict) -> dict:
     """Everything the report shows about one task's findings."""
+    add_worst_case(tr)
     status = meaningful(tr)
     strength = attack_strength(tr)
     attack = strength["verdict_attack"]
