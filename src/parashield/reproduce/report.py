@@ -290,10 +290,10 @@ def _shaped_defense_markdown(tr: dict, method: str, comps: list[dict]) -> list[s
 
 def _budget_markdown(tr: dict) -> list[str]:
     metric = tr["config"]["metric_name"]
-    lines = [f"#### Other budget shapes (10-step corruption; drop of test {metric}, control's drop - APD's drop)", "",
+    lines = [f"#### Other budget shapes (10-step corruption; {_damage(tr).lower()} of test {metric}, control's - APD's)", "",
              "L-inf layer: ||a_l||_inf <= eps ||w_l||_inf per tensor. L2 sparse 1%: ||a||_2 <= eps ||w||_2 with at most 1% of "
              "the parameters changed. Every model was trained with the layer-relative L2 budget.", "",
-             "| control | budget | eps | drop (control - APD) |", "|---|---|---|---|"]
+             f"| control | budget | eps | {_damage(tr).lower()} (control - APD) |", "|---|---|---|---|"]
     for c in tr["budget_comparisons"]:
         for r in c["rows"]:
             lines.append(f"| {_label(c['b'])} | {r['budget']} | {r['eps']} | {_pair(r['drop'])} |")
@@ -364,7 +364,8 @@ def _bitflip_markdown(tr: dict) -> list[str]:
 
 
 def summary_table(results: dict) -> list[str]:
-    lines = ["| task | status | plain | best reference | headline APD | clean: APD - plain | more robust than plain? |",
+    lines = ["| task | status | plain | best reference | headline APD | clean, APD vs plain (positive favours APD) | "
+             "more robust than plain? |",
              "|---|---|---|---|---|---|---|"]
     for name, tr in results["tasks"].items():
         dec = tr["decision"]
