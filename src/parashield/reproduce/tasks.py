@@ -369,7 +369,7 @@ def ptb(quick: bool = False, profile: str = "cpu", bptt: int = 35) -> Task:
         # 191 -> 213, the ensemble 252): the grids stay below 0.005. K = 2 only, as on fashion: on
         # two cores each selection run of APD K = 3 costs ~25 min of training
         eps_grid=(0.001, 0.002, 0.004), k_grid=(2,), eval_eps=(0.001, 0.002, 0.004), sweep_eps=(1e-4, 1e-3, 1e-2),
-        random_trials=3, curvature=False, seeds=3,
+        random_trials=3, curvature=False, seeds=3, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
         info={"train_tokens": len(train_ids), "eval_tokens": eval_tokens or len(test_ids), "vocab": vocab,
               "model": f"LSTM {hidden}" + (f" x {layers} layers" if layers > 1 else "") + ", tied, dropout 0.5"},
     )
@@ -450,7 +450,7 @@ def translation(quick: bool = False, profile: str = "cpu", eval_pairs: int = 100
         # weight matrices only (23 of 68 tensors; one gradient pass costs ~2.3 s on one core)
         epochs=8, optimizer="adam", lr_grid=(1e-3,), weight_decay=0.0, eps_grid=(0.002, 0.005, 0.01), k_grid=(2,),
         eval_eps=(0.002, 0.005, 0.01), sweep_eps=(1e-4, 1e-3, 1e-2), random_trials=2, curvature=False, seeds=3,
-        layer_table="matrices",
+        layer_table="matrices", methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
         info={"train_pairs": len(tr), "eval_pairs": eval_pairs, "vocab": [sv, tv], "model": "Transformer 2+2 layers, d=128"},
     )
 
