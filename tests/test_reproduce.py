@@ -780,3 +780,50 @@ def test_the_layer_table_can_cover_weight_matrices_only_and_keeps_older_keys(tin
     assert "layer_table" not in tiny.run_config() and task.run_config()["layer_table"] == "matrices"
     with pytest.raises(ValueError, match="layer_table must be"):
         dataclasses.replace(tiny, layer_table="biases")
+
+
+def test_a_broken_run_counts_as_maximally_damaged_not_as_missing():
+    plain = [_eval(100.0, [150.0, 400.0]) for _ in range(4)]
+    apd = [_eval(100.0, [120.0, 300.0]) for _ in range(4)]
+    apd[3]["grid"][1]["multi_step"]["metric"] = math.inf  # overflowed: past chance
+    tr = _result({"plain": plain, "apd3": apd}, higher=False, chance=10000.0)
+    assert findings.drop(tr, apd[3], 1, "multi_step") == pytest.approx(10000.0 - 100.0)  # capped at chance
+    row = findings.compare(tr, "apd3", "plain", "multi_step", [])["rows"][1]["drop"]
+    assert row["n"] == 4  # the overflowed seed stays in the pairing
+    acc = _result({"plain": [_eval(0.9, [0.8, math.nan])]})
+    assert findings.drop(acc, acc["runs"][0]["eval"], 1, "multi_step") == pytest.approx(0.8)  # NaN counts as chance
+
+
+def test_finding_4_is_not_decided_without_included_points_and_ignores_undecided_extra_controls():
+    plain = [_eval(0.90 + 0.001 * s, [0.80, 0.50]) for s in range(5)]
+    apd = [_eval(0.93 + 0.001 * s, [0.88 + 0.002 * s, 0.70 + 0.003 * s]) for s in range(5)]
+    every = {"plain": plain, "plain_matched": plain, "one_step": plain, "sam": plain, "apd3": apd}
+    assert findings.finding_4(_result(every), "multi_step", [0, 1])["verdict"].startswith("NOT DECIDED")
+    f4 = findings.finding_4(_result({**every, "sam_layer": plain[:2]}), "multi_step", [])
+    assert f4["verdict"] == "CONFIRMED (not decided against sam_layer)"
+
+
+def test_spearman_up_to_8_pairs_is_called_by_its_exact_p():
+    r = spearman([1, 2, 3, 4, 5], [1, 2, 3, 5, 4])  # rho 0.9, exact p 1/12: the Fisher-z interval excludes 0
+    assert r.rho == pytest.approx(0.9) and r.low > 0 and r.p == pytest.approx(1 / 12) and r.call == "undecided"
+
+
+def test_shared_map_keeps_no_run_alive():
+    import gc
+    import weakref
+    from parashield.reproduce.runner import shared_map
+
+    class FakeRun:
+        def __init__(self, folder: Path) -> None:
+            self.folder = folder
+
+    made = []
+
+    def run_of(i):
+        r = FakeRun(Path("/nonexistent") / str(i))
+        made.append(weakref.ref(r))
+        return r
+
+    assert shared_map(range(3), run_of, lambda i, r: i, "test") == [0, 1, 2]
+    gc.collect()
+    assert made and all(ref() is None for ref in made)

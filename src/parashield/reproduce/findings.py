@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .stats import MIN_PAIRS, TOO_FEW, paired, spearman
+from .stats import LEVEL, MIN_PAIRS, TOO_FEW, paired, spearman
 
 ATTACKS = ("multi_step", "multi_step_50", "multi_step_50x5")  #: projected ascent, in every evaluation
 #: per run and eps, the worst of every attack run there (see add_worst_case)
@@ -47,10 +47,20 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
+def capped(tr: dict, value: float) -> float:
+    """A corrupted metric no worse than chance: a NaN metric or a perplexity past chance (an
+    overflowed one is inf) counts as chance, the most a corruption can take, so that a broken run
+    stays in every comparison as maximally damaged instead of dropping out as non-finite."""
+    if math.isnan(value):
+        return tr["chance"]
+    return value if tr["higher_is_better"] else min(value, tr["chance"])
+
+
 def drop(tr: dict, e: dict, i: int, attack: str) -> float:
     """Oriented drop of the metric at grid point ``i`` under ``attack``, from the model's own
-    clean metric on the same test examples (positive: worse)."""
-    return _sign(tr) * (e["clean"]["corrupted_subset_metric"] - e["grid"][i][attack]["metric"])
+    clean metric on the same test examples (positive: worse), the corrupted metric capped at
+    chance (see :func:`capped`)."""
+    return _sign(tr) * (e["clean"]["corrupted_subset_metric"] - capped(tr, e["grid"][i][attack]["metric"]))
 
 
 def loss_rise(e: dict, i: int, attack: str) -> float:
@@ -107,9 +117,8 @@ def _level(tr: dict, value: float) -> float:
     """A metric on the scale the attacks are ranked on, larger better: accuracy itself; minus
     the log of a perplexity capped at chance (past chance every model is equally broken, and an
     overflowed perplexity is inf)."""
-    if tr["higher_is_better"]:
-        return value
-    return -math.log(min(value, tr["chance"])) if value > 0 else math.inf
+    value = capped(tr, value)
+    return value if tr["higher_is_better"] else -math.log(value)
 
 
 def _unlevel(tr: dict, level: float) -> float:
@@ -200,8 +209,10 @@ def _all_calls(calls: list[str]) -> str:
     return "better" if calls and all(c == "better" for c in calls) else "worse" if any(c == "worse" for c in calls) else "tie"
 
 
-def finding_1(tr: dict) -> dict:
+def finding_1(tr: dict) -> Optional[dict]:
     es = evals(tr, "plain", alive=True)
+    if not es:
+        return None
     rows = []
     for i, g in enumerate(es[0]["grid"]):
         p = paired([e["grid"][i]["indicators"]["one_step"] for e in es], [e["grid"][i]["indicators"]["random"] for e in es])
@@ -214,8 +225,10 @@ def finding_1(tr: dict) -> dict:
             "rows": rows, "verdict": "CONFIRMED" if call == "better" else "NOT CONFIRMED"}
 
 
-def finding_2(tr: dict) -> dict:
+def finding_2(tr: dict) -> Optional[dict]:
     es = evals(tr, "plain", alive=True)
+    if not es:
+        return None
     rows = [{"eps": g["eps"], "diff": paired([e["grid"][i]["indicators"]["multi_step"] for e in es],
                                              [e["grid"][i]["indicators"]["one_step"] for e in es]).as_dict()}
             for i, g in enumerate(es[0]["grid"])]
@@ -227,8 +240,10 @@ def finding_2(tr: dict) -> dict:
             "rows": rows, "verdict": "CONFIRMED" if ok else "NOT CONFIRMED"}
 
 
-def finding_3a(tr: dict) -> dict:
+def finding_3a(tr: dict) -> Optional[dict]:
     es = evals(tr, "plain", alive=True)
+    if not es:
+        return None
     rows = []
     for i, s in enumerate(es[0]["sweep"]):
         fo = _mean([e["sweep"][i]["first_order"] for e in es])
@@ -241,12 +256,14 @@ def finding_3a(tr: dict) -> dict:
             "rows": rows, "verdict": "CONFIRMED" if ok else "NOT CONFIRMED"}
 
 
-def finding_3b(tr: dict, attack: str, excluded: list[int]) -> dict:
+def finding_3b(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
     """Spearman correlation, over every trained model (methods x seeds), between each indicator
     and the measured drop of the test metric under ``attack``, per included eps (where every
     model sits at chance the drop is only the clean metric's distance to chance)."""
     failed = _failed(tr)
     models = [r["eval"] for r in tr["runs"] if (r["method"], r["seed"]) not in failed]
+    if not models:
+        return None
     rows = []
     for i, g in enumerate(models[0]["grid"]):
         if i in excluded:
@@ -289,10 +306,7 @@ def compare(tr: dict, a: str, b: str, attack: str, excluded: list[int]) -> Optio
         d = paired([drop(tr, e, i, attack) for e in rb], [drop(tr, e, i, attack) for e in ra])
         l = paired([loss_rise(e, i, attack) for e in rb], [loss_rise(e, i, attack) for e in ra])
         rows.append({"eps": g["eps"], "drop": d.as_dict(), "loss_rise": l.as_dict()})
-    calls = [r["drop"]["call"] for r in rows]
-    robust = ("better" if calls and calls.count("better") * 2 >= len(calls) and "worse" not in calls
-              else "worse" if calls and calls.count("worse") * 2 >= len(calls) and "better" not in calls
-              else TOO_FEW if len(keep) < MIN_PAIRS else "tie")
+    robust = _verdict([r["drop"]["call"] for r in rows])
     return {"a": a, "b": b, "seeds": len(seeds), "robust_seeds": len(keep), "clean": clean.as_dict(), "rows": rows,
             "robust": robust, "excluded": len(excluded),
             "unpaired": {m: sorted(set(e) - set(seeds)) for m, e in ((a, ea), (b, eb)) if set(e) - set(seeds)}}
@@ -310,13 +324,15 @@ def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
     clean_wins = [c["b"] for c in comps if c["clean"]["call"] == "better"]
     robust_wins = [c["b"] for c in comps if c["robust"] == "better"]
     both = [c["b"] for c in comps if c["clean"]["call"] == "better" and c["robust"] == "better"]
-    decided = {c["b"] for c in comps if c["seeds"] >= MIN_PAIRS and c["robust_seeds"] >= MIN_PAIRS}
-    missing = [m for m in REQUIRED if m not in decided]
+    decided = [c for c in comps if c["clean"]["call"] != TOO_FEW and c["robust"] != TOO_FEW]
+    missing = [m for m in REQUIRED if m not in {c["b"] for c in decided}]
+    undecided = [c["b"] for c in comps if c not in decided]
     if missing:
-        verdict = (f"NOT DECIDED (no comparison on {MIN_PAIRS} or more seeds with: {', '.join(missing)}; "
-                   f"clean better than: {', '.join(clean_wins) or 'none'}; more robust than: {', '.join(robust_wins) or 'none'})")
-    elif len(both) == len(comps):
-        verdict = "CONFIRMED"
+        verdict = (f"NOT DECIDED (no comparison on {MIN_PAIRS} or more seeds and an included eps with: "
+                   f"{', '.join(missing)}; clean better than: {', '.join(clean_wins) or 'none'}; more robust than: "
+                   f"{', '.join(robust_wins) or 'none'})")
+    elif all(c["b"] in both for c in decided):
+        verdict = "CONFIRMED" + (f" (not decided against {', '.join(undecided)})" if undecided else "")
     else:
         verdict = (f"NOT CONFIRMED (clean better than: {', '.join(clean_wins) or 'none'}; "
                    f"more robust than: {', '.join(robust_wins) or 'none'})")
@@ -326,9 +342,9 @@ def finding_4(tr: dict, attack: str, excluded: list[int]) -> Optional[dict]:
                     "more robust when the interval of (control's drop - APD's drop) is above 0 at half of the included eps "
                     f"or more and below 0 at none; decided only when every one of {', '.join(REQUIRED)} was run on "
                     f"{MIN_PAIRS} seeds or more, and confirmed only when APD is better on both counts against every "
-                    "control run",
+                    "control decided",
             "comparisons": comps, "clean_better_than": clean_wins, "more_robust_than": robust_wins,
-            "missing_controls": missing, "verdict": verdict}
+            "missing_controls": missing, "undecided_controls": undecided, "verdict": verdict}
 
 
 def decide(tr: dict) -> dict:
@@ -364,8 +380,8 @@ def censored_sign_test(a: list[Optional[int]], b: list[Optional[int]]) -> dict:
     """Paired comparison of counts censored at a budget (None: the budget was reached first, so
     the true count is larger than every observed one): per pair, which needed more, where that
     is known (both censored: unknown); an exact two-sided sign test on the known, unequal pairs.
-    The call: better (a needed more) or worse when p < 0.05, else tie; too few pairs below 3
-    known pairs."""
+    The call: better (a needed more) or worse when p < 0.05, else tie; too few pairs when even a
+    unanimous outcome could not reach 0.05 (fewer than 6 known unequal pairs)."""
     more = less = equal = unknown = 0
     for x, y in zip(a, b):
         if x is None and y is None:
@@ -378,8 +394,9 @@ def censored_sign_test(a: list[Optional[int]], b: list[Optional[int]]) -> dict:
             equal += 1
     n = more + less
     p = float(_binom_p(more, n)) if n else 1.0
-    call = (TOO_FEW if more + less + equal < MIN_PAIRS else
-            "better" if p < 0.05 and more > less else "worse" if p < 0.05 and less > more else "tie")
+    # below 6 known unequal pairs even a unanimous outcome has p >= 2/32: the test cannot decide
+    call = (TOO_FEW if _binom_p(n, n) >= 1 - LEVEL else
+            "better" if p < 1 - LEVEL and more > less else "worse" if p < 1 - LEVEL and less > more else "tie")
     return {"kind": "censored", "a_more": more, "b_more": less, "equal": equal, "unknown": unknown, "p": p,
             "call": call}
 

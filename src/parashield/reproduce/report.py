@@ -13,8 +13,8 @@ import torch
 
 from .. import __version__
 from .cache import strict_json, write_json
-from .findings import (bitflip_comparisons, budget_comparisons, decide, equal_compute_comparisons, evals,
-                       run_methods, shaped_defense_comparisons)
+from .findings import (_row_collapsed, bitflip_comparisons, budget_comparisons, decide, drop, equal_compute_comparisons,
+                       evals, run_methods, shaped_defense_comparisons)
 from .runner import METHODS
 
 #: one colour per method in every figure
@@ -121,7 +121,7 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
               "| method | eps | " + " | ".join(f"{metric}: {names[a]}" for a in attacks) + " | "
               + " | ".join(f"loss: {names[a]}" for a in attacks) + " |", "|---|---|" + "---|" * (2 * len(attacks))]
     for r in strength["rows"]:
-        lines.append(f"| {_label(r['method'])} | {r['eps']}{' (excluded)' if r.get('excluded') else ''} | "
+        lines.append(f"| {_label(r['method'])} | {r['eps']}{' (every model at chance)' if r.get('excluded') else ''} | "
                      + " | ".join(_fmt(r[a]['metric']) for a in attacks)
                      + " | " + " | ".join(_fmt(r[a]['loss'], 3) for a in attacks) + " |")
     mean_kind = "mean" if tr["higher_is_better"] else "geometric mean (capped at chance)"
@@ -131,24 +131,24 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     lines += ["", f"### {_damage(tr)} of {metric} from each model's own clean value ({attack}, test data, runs that "
               "did not collapse)", "",
               "| method | " + " | ".join(f"eps {e}" for e in eps) + " |", "|---|" + "---|" * len(eps)]
-    sign = 1 if tr["higher_is_better"] else -1
     for m in methods:
         es = evals(tr, m, alive=True)
         if not es:
             continue
-        cells = [_ms([sign * (e["clean"]["corrupted_subset_metric"] - e["grid"][i][attack]["metric"]) for e in es])
-                 for i in range(len(eps))]
+        cells = [_ms([drop(tr, e, i, attack) for e in es]) for i in range(len(eps))]
         lines.append(f"| {_label(m)} | " + " | ".join(cells) + " |")
-    lines += ["", "Random and one-step corruption at the same eps (plain models, test metric): "
-              + "; ".join(f"eps {g['eps']}: random {_ms([e['grid'][i]['random']['metric'] for e in evals(tr, 'plain')])}, "
-                          f"one-step {_ms([e['grid'][i]['one_step']['metric'] for e in evals(tr, 'plain')])}"
-                          for i, g in enumerate(evals(tr, "plain")[0]["grid"])) + ".", ""]
+    plain = evals(tr, "plain", alive=True)
+    if plain:
+        lines += ["", "Random and one-step corruption at the same eps (plain models, test metric): "
+                  + "; ".join(f"eps {g['eps']}: random {_ms([e['grid'][i]['random']['metric'] for e in plain])}, "
+                              f"one-step {_ms([e['grid'][i]['one_step']['metric'] for e in plain])}"
+                              for i, g in enumerate(plain[0]["grid"])) + ".", ""]
     if dec["excluded_points"]:
         lines += [f"Excluded (every model at chance): eps {', '.join(map(str, dec['excluded_points']))}.", ""]
     lines += ["### Findings", ""]
     if not dec["findings"]:
-        lines += [f"- {dec['note']}" + (" (nor any comparison under bit flips, other budgets or at equal compute; "
-                                         "the tables below are descriptive only)" if "NOT MEANINGFUL" in dec["note"] else ""), ""]
+        lines += [f"- {dec['note']}" + (" (nor is any comparison made under bit flips, other budgets or at equal "
+                                         "compute)" if "NOT MEANINGFUL" in dec["note"] else ""), ""]
     for f in dec["findings"]:
         lines += [f"#### {f['finding']}", "", f"Rule: {f['rule']}. **Verdict: {f['verdict']}**", ""]
         lines += _finding_rows(tr, f)
@@ -170,8 +170,9 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     if tr.get("hessian_density"):
         lines += ["#### Hessian spectrum (seed 0, attack data, stochastic Lanczos quadrature)", "",
                   "| method | largest Ritz value | smallest | mass below 0 |", "|---|---|---|---|"]
-        lines += [f"| {_label(m)} | {_fmt(d['top'])} | {_fmt(d['bottom'])} | {_fmt(d['negative_mass'])} |"
-                  for m, d in tr["hessian_density"].items()]
+        failed = {(c["method"], c["seed"]) for c in dec.get("collapsed", [])}
+        lines += [f"| {_label(m)}{' (seed 0 collapsed)' if (m, 0) in failed else ''} | {_fmt(d['top'])} | "
+                  f"{_fmt(d['bottom'])} | {_fmt(d['negative_mass'])} |" for m, d in tr["hessian_density"].items()]
         lines.append("")
     if tr.get("bitflips"):
         lines += _bitflip_markdown(tr)
@@ -191,8 +192,8 @@ def _finding_rows(tr: dict, f: dict) -> list[str]:
                  "and loss rise (control - APD) per included eps |",
                  "|---|---|---|---|---|"]
         for c in f["comparisons"]:
-            cells = "<br>".join(f"eps {r['eps']}: drop {_pair(r['drop'])}; loss {_fmt(r['loss_rise']['mean'], 3)} ({r['loss_rise']['call']})"
-                                for r in c["rows"])
+            cells = "<br>".join(f"eps {r['eps']}: {_damage(tr).lower()} {_pair(r['drop'])}; loss {_fmt(r['loss_rise']['mean'], 3)} "
+                                f"({r['loss_rise']['call']})" for r in c["rows"]) or "no included eps"
             seeds = c["seeds"] if c.get("robust_seeds", c["seeds"]) == c["seeds"] else f"{c['seeds']} ({c['robust_seeds']} for drops)"
             if c.get("unpaired"):
                 seeds = f"{seeds}; unpaired: " + ", ".join(f"{_label(m)} seeds {', '.join(map(str, ss))}"
@@ -236,12 +237,13 @@ def _equal_compute_markdown(tr: dict) -> list[str]:
     metric = tr["config"]["metric_name"]
     by: dict = {}
     for r in tr["equal_compute"]:
-        by.setdefault(r["k"], []).append(r)
+        if not _row_collapsed(tr, r):
+            by.setdefault(r["k"], []).append(r)
     eps = [e["eps"] for e in tr["equal_compute"][0]["ensemble"]]
     lines = ["#### APD's K at equal compute", "",
              f"Every K trained with the gradient passes of the largest K at {tr['config']['epochs']} epochs "
              "(fewer passes per step, more epochs; K = 1 is one-step training), each at its eps chosen on validation; "
-             f"test {metric} clean and under the attack ensemble.", "",
+             f"test {metric} clean and under the attack ensemble (runs that collapsed left out).", "",
              "| K | epochs | eps | clean | " + " | ".join(f"eps {e}" for e in eps) + " |",
              "|---|---|---|---|" + "---|" * len(eps)]
     for k, rs in sorted(by.items()):
@@ -399,7 +401,7 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
         eps = [g["eps"] for g in es[0]["grid"]]
         for ax, what in zip(axes, ("metric", "loss")):
             if what == "metric":
-                ys = [[sign * (e["clean"]["corrupted_subset_metric"] - e["grid"][i][attack]["metric"]) for e in es] for i in range(len(eps))]
+                ys = [[drop(tr, e, i, attack) for e in es] for i in range(len(eps))]
             else:
                 ys = [[e["grid"][i][attack]["loss"] - e["clean"]["loss"] for e in es] for i in range(len(eps))]
             mean = [sum(y) / len(y) for y in ys]
@@ -422,7 +424,7 @@ def _plots(name: str, tr: dict, out: Path) -> bool:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for m in run_methods(tr):
-        pts = [(s["first_order"], s["one_step"]) for e in evals(tr, m) for s in e["sweep"]]
+        pts = [(s["first_order"], s["one_step"]) for e in evals(tr, m, alive=True) for s in e["sweep"]]
         pts = [p for p in pts if p[0] > 0 and p[1] > 0]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color=COLORS.get(m), label=_label(m))
     lims = ax.get_xlim()

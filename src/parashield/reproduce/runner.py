@@ -16,7 +16,8 @@
 Each run lives in ``<out>/cache/<task>/<run>/seed<k>/``: ``train.pt`` (checkpoint after every
 epoch, so an interrupted run resumes), ``valid.json`` and ``eval.json``; see :mod:`.cache`.
 Several processes may share one output folder (e.g. one per core, each with ``--threads 1``):
-every loop over runs takes first the runs no other process is working on (:func:`shared_map`).
+the loops over runs (selection candidates, final runs, every later evaluation but the seed-0
+Hessian densities) take first the runs no other process is working on (:func:`shared_map`).
 """
 
 from __future__ import annotations
@@ -259,14 +260,16 @@ def shared_map(jobs: Sequence[J], run_of: Callable[[J], Run], work: Callable[[J,
     """``[work(job, run_of(job)) for job in jobs]``, in the jobs' order, but computed taking first
     the jobs whose run folder no other process holds, so that several ``parashield reproduce``
     processes on one output folder share the work instead of queueing behind each other's locks
-    (when every remaining run is held, the first is waited for)."""
-    runs = [run_of(job) for job in jobs]
+    (when every remaining run is held, the first is waited for). Each job's ``Run``, and the model
+    it loads, lives only while its work runs. Not for use while this process holds a run lock:
+    ``held_elsewhere`` cannot tell this process's own locks from another's."""
+    folders = [run_of(job).folder for job in jobs]
     pending = list(range(len(jobs)))
     done: dict[int, R] = {}
     for _ in progress(range(len(jobs)), desc=desc, unit="run"):
-        i = next((i for i in pending if not cache.held_elsewhere(runs[i].folder)), pending[0])
+        i = next((i for i in pending if not cache.held_elsewhere(folders[i])), pending[0])
         pending.remove(i)
-        done[i] = work(jobs[i], runs[i])
+        done[i] = work(jobs[i], run_of(jobs[i]))
     return [done[i] for i in range(len(jobs))]
 
 
@@ -362,8 +365,13 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     ``selection`` record (candidates, their validation scores, the pick)."""
     record: dict = {}
 
+    def valid(specs: list[Spec], what: str) -> list[dict]:
+        """The validation entries of seed-0 runs of ``specs`` (trained and scored on demand)."""
+        return shared_map(specs, lambda s: Run(task, s, 0, out),
+                          lambda s, r: r.cached("valid", lambda m: validation_score(task, m)), f"{task.name} {what}")
+
     def pick(what: str, specs: list[Spec], score: Callable[[dict], float], candidates: list) -> Spec:
-        scores = [score(Run(task, s, 0, out).cached("valid", lambda m: validation_score(task, m))) for s in specs]
+        scores = [score(v) for v in valid(specs, what)]
         best = max(range(len(specs)), key=lambda i: scores[i])
         record[what] = {"candidates": candidates, "validation": scores, "pick": candidates[best],
                         "selected_on": "validation",
@@ -404,8 +412,7 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     if "apd3_noclean" in methods:
         specs["apd3_noclean"] = replace(specs["apd3"], include_clean=False)
     heads = [k for k in task.k_grid]
-    scores = [robust(Run(task, specs[f"apd{k}"], 0, out).cached("valid", lambda m: validation_score(task, m)))
-              for k in heads]
+    scores = [robust(v) for v in valid([specs[f"apd{k}"] for k in heads], "headline_k")]
     head = heads[max(range(len(heads)), key=lambda i: scores[i])]
     record["headline_k"] = {"candidates": heads, "validation": scores, "pick": head, "selected_on": "validation",
                             "criterion": "validation robustness score of each K at its chosen eps"

@@ -60,7 +60,8 @@ def select(task: Task, result: dict, out: Path, method: str) -> dict:
     def score(model: nn.Module) -> dict:
         return validation_score(task, model, lambda eps: budgets(task, model, eps)[shape.attack])
 
-    scores = [Run(task, s, 0, out).cached("valid", score)["score"] for s in specs]
+    scores = shared_map(specs, lambda s: Run(task, s, 0, out), lambda s, r: r.cached("valid", score)["score"],
+                        f"{method} {task.name} selection")
     best = max(range(len(specs)), key=lambda i: scores[i])
     return {"candidates": list(task.eps_grid), "validation": scores, "pick": task.eps_grid[best],
             "selected_on": "validation", "spec": asdict(specs[best]),

@@ -30,7 +30,7 @@ class Paired:
     low: float
     high: float
     p_t: float  #: two-sided paired t-test
-    p_perm: float  #: two-sided exact sign-flip permutation test (all 2**n sign patterns)
+    p_perm: float  #: two-sided sign-flip permutation test (exact up to 20 pairs, sampled above)
 
     @property
     def call(self) -> str:
@@ -92,8 +92,9 @@ EXACT_SPEARMAN = 8
 
 @dataclass(frozen=True)
 class Rank:
-    """Spearman rank correlation with a Fisher-z 95% interval (standard error 1.06/sqrt(n-3));
-    at |rho| = 1 the interval does not exist (NaN) and the exact p decides."""
+    """Spearman rank correlation with a Fisher-z 95% interval (standard error 1.06/sqrt(n-3)). Up
+    to 8 pairs the call follows the exact permutation p instead (the interval, an approximation,
+    is shown but does not decide; at |rho| = 1 it does not exist and is NaN)."""
 
     n: int
     rho: float
@@ -103,10 +104,12 @@ class Rank:
 
     @property
     def call(self) -> str:
-        """``"agrees"`` (interval above 0), ``"backwards"`` (below 0) or ``"undecided"``; at
-        |rho| = 1, by the exact p below 0.05."""
-        if self.n > 3 and abs(self.rho) == 1.0:
-            return ("agrees" if self.rho > 0 else "backwards") if self.p < 1 - LEVEL else "undecided"
+        """``"agrees"`` (interval above 0), ``"backwards"`` (below 0) or ``"undecided"``; up to 8
+        pairs by the exact p below 0.05 and the sign of rho."""
+        if self.n <= EXACT_SPEARMAN:
+            if math.isnan(self.p) or self.p >= 1 - LEVEL:
+                return "undecided"
+            return "agrees" if self.rho > 0 else "backwards"
         if not (math.isfinite(self.low) and math.isfinite(self.high)):
             return "undecided"
         return "agrees" if self.low > 0 else "backwards" if self.high < 0 else "undecided"
