@@ -47,3 +47,17 @@ def test_readme_links_exist() -> None:
     assert local, "the README links to its documentation pages"
     missing = [link for link in local if not (ROOT / link).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_readme_results_table_is_the_reports_summary() -> None:
+    """The README's results table is the summary that results.json gives (no hand-copied number)."""
+    import json
+
+    from parashield.reproduce.cache import from_strict_json
+    from parashield.reproduce.report import summary_table
+
+    results = from_strict_json(json.loads((ROOT / "results" / "results.json").read_text()))
+    lines = summary_table(results)
+    assert len(lines) == 2 + len(results["tasks"])
+    missing = [line for line in lines if line not in README]
+    assert not missing, f"README's results table differs from results/results.json: {missing}"

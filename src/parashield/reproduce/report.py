@@ -376,7 +376,7 @@ def summary_table(results: dict) -> list[str]:
         head = _ms([e["clean"]["metric"] for e in evals(tr, tr["headline"])]) if tr["headline"] else "not run"
         f4 = next((f for f in dec["findings"] if "comparisons" in f), None)
         vs = next((c for c in f4["comparisons"] if c["b"] == "plain"), None) if f4 else None
-        lines.append(f"| {name} ({tr['config']['metric_name']}) | {'meaningful' if dec['meaningful']['meaningful'] else 'NOT MEANINGFUL'} | "
+        lines.append(f"| {name} ({tr['config']['metric_name']}, {tr['seeds']} seeds) | {'meaningful' if dec['meaningful']['meaningful'] else 'NOT MEANINGFUL'} | "
                      f"{_ms([e['clean']['metric'] for e in evals(tr, 'plain')])} | {best[0]} {_fmt(best[1]['metric'])} | "
                      f"{tr['headline'] + ': ' if tr['headline'] else ''}{head} | {_pair(vs['clean']) if vs else 'not decided'} | {vs['robust'] if vs else 'not decided'} |")
     return lines
