@@ -87,6 +87,13 @@ def _valid_metric(tr: dict, entry: dict) -> Optional[float]:
     return math.exp(-best) if best > -math.inf else math.inf
 
 
+def _collapse_evidence(tr: dict, entry: dict, test_metric: float) -> tuple[float, str]:
+    """The metric a collapse is read off and its split: the best validation metric, or the test
+    metric for entries written before it was logged."""
+    valid = _valid_metric(tr, entry)
+    return (valid, "validation") if valid is not None else (test_metric, "test")
+
+
 def collapsed(tr: dict) -> list[dict]:
     """Final runs whose training failed: the best clean validation metric at chance (decided on
     validation, like every other choice; the test metric where no validation metric was logged).
@@ -94,8 +101,7 @@ def collapsed(tr: dict) -> list[dict]:
     robustness ones, where a model at chance has nothing left to lose and would look robust."""
     out = []
     for r in tr.get("runs", []):
-        valid = _valid_metric(tr, r["eval"])
-        value, split = (valid, "validation") if valid is not None else (r["eval"]["clean"]["metric"], "test")
+        value, split = _collapse_evidence(tr, r["eval"], r["eval"]["clean"]["metric"])
         if at_chance(tr, value):
             out.append({"method": r["method"], "seed": r["seed"], "metric": r["eval"]["clean"]["metric"],
                         "decided_on": split, "decided_by": value})
@@ -484,8 +490,7 @@ def bitflip_comparisons(tr: dict) -> list[dict]:
 def _row_collapsed(tr: dict, row: dict) -> bool:
     """An ablation row's run collapsed: its best validation metric at chance (its test
     ``clean_subset_metric`` where no training log came with it)."""
-    valid = _valid_metric(tr, row)
-    return at_chance(tr, valid if valid is not None else row["clean_subset_metric"])
+    return at_chance(tr, _collapse_evidence(tr, row, row["clean_subset_metric"])[0])
 
 
 def _ablation_pairs(tr: dict, rows: list[dict], a, controls: list) -> list[dict]:
