@@ -459,6 +459,26 @@ def test_attack_on_a_user_model_given_by_file_path(user, tmp_path, capsys):
     assert doc["rows"][2]["train_loss_change"] > doc["rows"][1]["train_loss_change"] > 0
 
 
+def test_attack_restarts_are_the_libraries_restarts_and_never_weaker(user, tmp_path):
+    """``--restarts R --seed S`` runs ``MultiStepCorruption(restarts=R, seed=S)``: the same train
+    loss change, at least that of one run (the first restart starts where a single run does)."""
+    from parashield import Budget, MultiStepCorruption, Objective
+
+    docs = {}
+    for restarts in (1, 3):
+        out = tmp_path / f"r{restarts}.json"
+        assert main(["attack", *_user_args(user), "--eps", "0.3", "--steps", "3", "--restarts", str(restarts),
+                     "--seed", "7", "--json", str(out)]) == 0
+        docs[restarts] = _attack_json(out)
+    assert docs[3]["corruption"] == {"kind": "multi_step", "steps": 3, "restarts": 3, "seed": 7}
+    module = _load_user(user)
+    objective = Objective(module.build(), lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), module.data("train"))
+    expected = MultiStepCorruption(Budget("l2", 0.3, scale="layer"), steps=3, restarts=3, seed=7)(objective)
+    change = docs[3]["rows"][1]["train_loss_change"]
+    assert change == pytest.approx(expected.loss_change, rel=1e-9)
+    assert change >= docs[1]["rows"][1]["train_loss_change"]
+
+
 def _load_user(folder: Path):
     import importlib.util
 

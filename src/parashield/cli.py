@@ -208,13 +208,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     setup = _setup(args, ("train", "test"))
     attack, test = setup.objective("train"), setup.objective("test")
     clean_train, clean_test = _clean_loss(setup, "train"), _clean_loss(setup, "test")
-    options = {"multi_step": {"steps": args.steps}, "random": {"trials": args.trials}}.get(args.corruption, {})
+    options = {"multi_step": {"steps": args.steps, "restarts": args.restarts, "seed": args.seed},
+               "random": {"trials": args.trials, "seed": args.seed}}.get(args.corruption, {})
     metric = setup.metric_name
     doc = {"command": "attack", **setup.describe(), "budget": _budget_doc(args),
            "corruption": {"kind": args.corruption, **options}, "searched_on": "train", "evaluated_on": "test",
            "metric": metric, "clean_train_loss": clean_train, "rows": [], "complete": False}
     _print_header("attack", setup)
-    print(f"corruption: {args.corruption}{''.join(f', {v} {k}' for k, v in options.items())}; budget: {_budget_text(args)}")
+    described = "".join(f", {k} {v}" if k == "seed" else f", {v} {k}" for k, v in options.items())
+    print(f"corruption: {args.corruption}{described}; budget: {_budget_text(args)}")
     print(f"searched on {_split_text(setup, 'train')}, evaluated on {_split_text(setup, 'test')}")
     columns = [("eps", "eps"), ("loss", "test loss")] + ([(metric, metric)] if metric else [])
     table = _Table(columns + [("train_loss_change", "train loss change")])
@@ -492,7 +494,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget(a)
     a.add_argument("--corruption", default="multi_step", choices=list(CORRUPTION_KINDS), help="corruption type")
     a.add_argument("--steps", type=int_in(1, MAX_ITERATIONS), default=10, help="multi-step corruption steps")
+    a.add_argument("--restarts", type=int_in(1, 10_000), default=1,
+                   help="multi-step corruption runs, the first from the clean weights and the others from random "
+                   "points of the budget; the worst is reported")
     a.add_argument("--trials", type=int_in(1, MAX_ITERATIONS), default=10, help="random corruption trials")
+    a.add_argument("--seed", type=int_in(0, 2**63 - 2), default=0, help="seed of the random trials and restarts")
     _add_threads(a)
 
     e = command("evaluate", cmd_evaluate, "worst-case corruption of a model by the step-size-free attack ensemble")
