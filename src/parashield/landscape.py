@@ -113,12 +113,23 @@ def _losses_at(objective: Objective, directions: Sequence[Tensors], coords: Tens
                batch_size: Optional[int], vectorize: Union[bool, str], desc: str) -> Tensor:
     """Losses at ``w + sum_k coords[i, k] * directions[k]`` for every row i (float64, CPU).
 
-    ``vectorize`` as in ``RandomCorruption``: ``"auto"`` evaluates each chunk with ``vmap``
-    (eval mode only) and falls back, with one warning, to one evaluation per point where the
-    model cannot be vmapped. Non-finite losses become +inf.
+    ``vectorize``: ``True`` evaluates chunks of ``batch_size`` points with ``vmap``; ``False``
+    one point at a time, moving the parameters in place (no per-point allocation); ``"auto"``
+    batches on accelerators in eval mode (falling back to the loop, with one warning, where the
+    model cannot be vmapped) and loops on the CPU, where a batch costs the same arithmetic as
+    the loop and its activations, ``batch_size`` times larger, fall out of the cache.
+    Non-finite losses become +inf.
     """
     size = DEFAULT_BATCH_SIZE if batch_size is None else check_count("batch_size", batch_size)
     check_vectorize(vectorize)
+    if vectorize is False or (vectorize == "auto" and objective.device.type == "cpu"):
+        with objective.probe() as pr:
+            values = []
+            for row in progress(coords.tolist(), desc=desc, unit="point", leave=False):
+                pr.set_along(directions, row)
+                values.append(pr.loss().cpu())
+        out = torch.stack(values)
+        return torch.where(torch.isfinite(out), out, math.inf)
     chunk = min(size, len(coords))
     check_memory(8 * chunk * objective.numel, f"a chunk of {chunk} points (batch_size)", objective.device)
 
@@ -140,8 +151,9 @@ def loss_line(objective: Objective, direction: Sequence[Tensor], alphas: Sequenc
               batch_size: Optional[int] = None, vectorize: Union[bool, str] = "auto") -> Tensor:
     """``L(w + alpha * direction)`` for each alpha: shape ``(len(alphas),)``, float64.
 
-    Points are evaluated ``batch_size`` at a time (default 16) in one ``vmap`` pass each
-    (``vectorize`` as in ``RandomCorruption``). A loss that is not finite (a far point where the
+    On the CPU (``vectorize="auto"``) the points are evaluated one after another, the parameters
+    moved in place; on an accelerator ``batch_size`` at a time (default 16) in one ``vmap`` pass
+    each (``vectorize=True`` forces that, ``False`` the loop). A loss that is not finite (a far point where the
     model overflows) is reported as +inf rather than raised.
     """
     d = _check_direction(objective, direction, "direction")

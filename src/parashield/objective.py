@@ -361,6 +361,14 @@ class Probe:
                     raise ValueError(f"delta has {len(delta)} tensors, the selection has {len(self.params)}")
                 torch._foreach_add_(self.params, list(delta))
 
+    def set_along(self, directions: Sequence[Sequence[Tensor]], coords: Sequence[float]) -> None:
+        """Move the selected parameters to ``w + sum_k coords[k] * directions[k]`` in place (a
+        copy of w and one fused multiply-add per direction; nothing allocated)."""
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self._saved)
+            for d, c in zip(directions, coords):
+                torch._foreach_add_(self.params, list(d), alpha=float(c))
+
     def _losses(self, data: Any, differentiable: bool = False) -> Iterator[tuple[Tensor, int]]:
         """``(loss, examples)`` per batch with at least one example (a batch of 0 rows weighs 0:
         its mean loss would be NaN). ``differentiable``: the loss must depend on the parameters."""
@@ -380,15 +388,16 @@ class Probe:
 
     def loss(self, data: Any = None) -> Tensor:
         """Example-weighted mean loss at the current parameters (0-dim tensor, float64)."""
-        total, count = None, 0
         with torch.no_grad():
-            for loss, n in self._losses(data):
-                term = loss.detach().double() * n
-                total = term if total is None else total + term
-                count += n
-        if total is None:
+            terms = [(loss.detach().double(), n) for loss, n in self._losses(data)]
+        if not terms:
             raise ValueError(NO_EXAMPLE)
-        return total / count
+        if len(terms) == 1:  # the mean of one batch: its loss, no rounding of l * n / n
+            return terms[0][0]
+        total = terms[0][0] * terms[0][1]
+        for term, n in terms[1:]:
+            total = total + term * n
+        return total / sum(n for _, n in terms)
 
     def gradient(self, data: Any = None, check: bool = True) -> tuple[Tensor, Tensors]:
         """Loss (0-dim float64) and its gradient w.r.t. the selected parameters; with ``check``
