@@ -647,6 +647,12 @@ def test_zero_grad():
     opt.step(closure_for(opt, model, *batch(1)))
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+    # under a profiler the call goes through Optimizer.zero_grad, whose range the trace shows
+    opt.step(closure_for(opt, model, *batch(2)))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    assert any("zero_grad" in e.name for e in prof.events())
 
 
 def test_add_param_group_equals_constructing_with_groups():
