@@ -60,8 +60,9 @@ class Task:
     multi_steps: int = 10
     strong_steps: int = 50
     strong_restarts: int = 5
-    #: the step-size-free ensemble: Auto-PGD runs per member and steps per run (about 200
-    #: gradient passes per member, below the 250 of 50 steps x 5 restarts)
+    #: the step-size-free ensemble: Auto-PGD runs per member and steps per run (at most 100
+    #: gradient passes per member, ~210 with the loss passes for the two members of a
+    #: classification task: below the 250 of 50 steps x 5 restarts)
     ensemble_steps: int = 25
     ensemble_restarts: int = 4
     random_trials: int = 5
