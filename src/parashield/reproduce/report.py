@@ -114,7 +114,8 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     eps = [g["eps"] for g in evals(tr, "plain")[0]["grid"]]
     strength = dec["attack_strength"]
     names = {"multi_step": "10 steps", "multi_step_50": "50 steps", "multi_step_50x5": "50 steps x 5 restarts",
-             "ensemble": "ensemble (Auto-PGD, loss + margin)", "worst_case": "worst case of all attacks"}
+             "ensemble": "ensemble (Auto-PGD, loss + margin)" if metric == "accuracy" else "ensemble (Auto-PGD, loss)",
+             "worst_case": "worst case of all attacks"}
     attacks = strength["attacks"]
     lines += ["", "### Attack strength", "", strength["rule"][0].upper() + strength["rule"][1:]
               + f": verdicts use **{names[strength['verdict_attack']]}**.", "",
