@@ -610,8 +610,19 @@ def test_budget_is_immutable_and_with_eps():
         b.with_eps(-1.0)
 
 
+@pytest.fixture(params=["host", "sync_free"])
+def selection_path(request, monkeypatch):
+    """Run a top-n test through the CPU's path (candidates above a sampled threshold) and through
+    the accelerators' path without host syncs (forced here on the CPU)."""
+    import parashield.budget as budget_module
+
+    monkeypatch.setattr(budget_module, "_sync_free", lambda ts: request.param == "sync_free")
+    return request.param
+
+
 @pytest.mark.parametrize("n", [1, 1000, 123_457, 1_500_000])
 @pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.usefixtures("selection_path")
 def test_top_n_over_many_tensors_matches_a_sort(n, ties):
     """The sampled-threshold selection (k > 1M: candidates above a sample quantile, then
     kthvalue) keeps exactly the n largest scores, ties broken by position across tensors."""
@@ -645,6 +656,7 @@ def test_top_n_over_many_tensors_matches_a_sort(n, ties):
 
 @pytest.mark.parametrize("size", [1000, 1_200_000])
 @pytest.mark.parametrize("blockwise", [False, True])
+@pytest.mark.usefixtures("selection_path")
 def test_top_n_keeps_nan_scores_first(size, blockwise):
     """A NaN compares False with every threshold; it must still count as the largest score (a
     NaN corruption is reported, never silently dropped)."""
@@ -659,3 +671,63 @@ def test_top_n_keeps_nan_scores_first(size, blockwise):
     kept = torch.nonzero(out[0].isnan() | (out[0] != 0)).squeeze(1)
     finite_top = torch.sort(-torch.nan_to_num(x.abs(), nan=-1.0), stable=True).indices[: n - 3]
     assert kept.tolist() == sorted([*nan_at.tolist(), *finite_top.tolist()])
+
+
+@given(case=cases(sparse=True))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_sync_free_selection_equals_the_host_path_bit_for_bit(case, monkeypatch):
+    """Projection and steepest ascent of every sparse budget give the same tensors, bit for bit,
+    through the accelerators' top-n path as through the CPU's."""
+    import parashield.budget as budget_module
+
+    budget, params, x = case
+    results = {}
+    for path in (False, True):
+        monkeypatch.setattr(budget_module, "_sync_free", lambda ts, path=path: path)
+        results[path] = (budget.project([t.clone() for t in x], params), budget.steepest([t.clone() for t in x], params))
+    for host, free in zip(results[False], results[True]):  # the projections, then the ascent steps
+        for a, b in zip(host, free):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_sync_free_selection_reads_no_value_back_to_the_host(monkeypatch):
+    """The accelerators' path never turns a tensor into a Python value (each would wait for the
+    device): with every such conversion made to fail, a sparse projection and steepest step
+    still run (on the CPU here; the CUDA suite checks the same with sync debug mode)."""
+    import parashield.budget as budget_module
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(300, 40, generator=gen), torch.randn(40, generator=gen)]
+    x = [torch.randn_like(p) for p in params]
+    budget = ps.Budget("l2", 0.5, sparsity=100)
+    expected = budget.project([t.clone() for t in x], params)
+    monkeypatch.setattr(budget_module, "_sync_free", lambda ts: True)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, "nonzero", host_read)
+    out = [t.clone() for t in x]
+    budget_module._keep_top_n_(out, torch.abs, 100, lambda v: v * budget_module._shrink_factor(0.5, torch.linalg.vector_norm(v)))
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert sum(int(t.count_nonzero()) for t in out) == 100
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_projection_on_cuda_has_no_host_sync():
+    params = [torch.randn(1000, 100, device="cuda"), torch.randn(100, device="cuda")]
+    budget = ps.Budget("l2", 0.5, sparsity=1000)
+    x = [torch.randn_like(p) for p in params]
+    expected = [t.cpu() for t in ps.Budget("l2", 0.5, sparsity=1000).project([t.cpu() for t in x], [p.cpu() for p in params])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = budget.project_([t.clone() for t in x], params)
+        budget.steepest_([t.clone() for t in x], params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(out, expected):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-7)

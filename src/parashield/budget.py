@@ -125,6 +125,11 @@ def _blocks(f: Tensor) -> Iterator[tuple[int, Tensor]]:
         yield i, f[i : i + step]
 
 
+def _sync_free(ts: Sequence[Tensor]) -> bool:
+    """Whether the top-n selection of ``ts`` takes the path without host syncs (accelerators)."""
+    return ts[0].device.type != "cpu"
+
+
 def _top_n_indices(ts: Sequence[Tensor], n: int, score: Optional[Callable[[Tensor], Tensor]] = None) -> Optional[list[Tensor]]:
     """Flat (row-major) indices, one sorted tensor per entry of ``ts``, of the n largest scores
     over all of them, ties broken by position (tensor by tensor); None when n covers everything.
@@ -172,12 +177,42 @@ def _top_n_indices(ts: Sequence[Tensor], n: int, score: Optional[Callable[[Tenso
     return [i[kp] for i, kp in zip(idx, keep.split([len(i) for i in idx]))]
 
 
+def _keep_top_n_static_(ts: Sequence[Tensor], scores: Scores, n: int,
+                        transform: Optional[Callable[[Tensor], Tensor]]) -> None:
+    """``_keep_top_n_`` with every size known before its kernels run, so that an accelerator
+    never waits for the host: the n-th largest score from ``topk``, the mask of the n kept
+    entries (ties at that score broken by position, as ``_top_n_indices`` does), their
+    positions by ``nonzero_static``, the kept values written back through one flat buffer.
+    Full-size work: the scores, the mask and a running count of ties, three copies; the same
+    result as the host path, bit for bit."""
+    score = torch.cat([(scores(t.reshape(-1)) if callable(scores) else sc.reshape(-1))
+                       for t, sc in zip(ts, ts if callable(scores) else scores)])
+    score = torch.nan_to_num(score, nan=math.inf)  # a NaN ranks above every number
+    thr = torch.topk(score, n, sorted=False).values.min()
+    above = score > thr
+    ties = score == thr
+    keep = above | (ties & (torch.cumsum(ties, 0, dtype=torch.int32) <= n - above.sum(dtype=torch.int32)))
+    idx = torch.nonzero_static(keep, size=n).squeeze(1)
+    flat = _flat(ts)
+    new = flat[idx]
+    if transform is not None:
+        new = transform(new)
+    flat.zero_()
+    flat[idx] = new.to(flat.dtype)
+    _unflat_(ts, flat)
+
+
 def _keep_top_n_(ts: Sequence[Tensor], scores: Scores, n: int,
                  transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
     """Zero, in place, every entry of ``ts`` outside the n largest scores; ``scores`` is one
     tensor per entry of ``ts`` or a function computing the scores of values (then computed block
     by block, never as full-size tensors). ``transform`` maps the kept values (all tensors'
-    concatenated, a short vector) to what is written back."""
+    concatenated, a short vector) to what is written back. On an accelerator without a host
+    sync (``_keep_top_n_static_``); on the CPU by candidates above a sampled threshold, which
+    allocates nothing the size of the parameters."""
+    if n < sum(t.numel() for t in ts) and _sync_free(ts):
+        _keep_top_n_static_(ts, scores, n, transform)
+        return
     kept = _top_n_indices(ts, n, scores) if callable(scores) else _top_n_indices(scores, n)
     if kept is None:
         if transform is not None:
@@ -213,7 +248,8 @@ def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]
     b_cum = torch.cumsum(c_sorted * c_sorted, 0)
     lam_m = (a_cum - r) / b_cum
     valid = b_sorted > lam_m
-    m = valid.nonzero().max() if valid.any() else torch.tensor(0, device=x.device)
+    # the last valid breakpoint (0 when none), without a host sync
+    m = torch.where(valid, torch.arange(len(valid), device=x.device), 0).max()
     lam = lam_m[m].clamp_min(0)
     out = torch.sign(x) * (ax - lam * c).clamp_min(0)
     # |x_i| - lam c_i cancels when r << |x|; a final rescale guarantees feasibility.
