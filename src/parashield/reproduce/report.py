@@ -122,7 +122,7 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
               "| method | eps | " + " | ".join(f"{metric}: {names[a]}" for a in attacks) + " | "
               + " | ".join(f"loss: {names[a]}" for a in attacks) + " |", "|---|---|" + "---|" * (2 * len(attacks))]
     for r in strength["rows"]:
-        lines.append(f"| {_label(r['method'])} | {r['eps']}{' (every model at chance)' if r.get('excluded') else ''} | "
+        lines.append(f"| {_label(r['method'])} | {r['eps']}{' (every model at chance under 10 steps)' if r.get('excluded') else ''} | "
                      + " | ".join(_fmt(r[a]['metric']) for a in attacks)
                      + " | " + " | ".join(_fmt(r[a]['loss'], 3) for a in attacks) + " |")
     mean_kind = "mean" if tr["higher_is_better"] else "geometric mean (capped at chance)"
