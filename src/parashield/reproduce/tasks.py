@@ -255,10 +255,11 @@ def fashion(quick: bool = False, profile: str = "cpu") -> Task:
         "fashion", data, lambda: SmallCNN(num_classes=10), 128, _linear_references(data),
         # sized for 2 CPU cores: one learning rate, two radii and K = 2 (a full run still takes
         # several hours there; the gpu profile runs the wider grids)
-        # every method also tries lr 0.02: at 0.05, APD collapsed to chance on one seed
+        # every method also tries lr 0.02: at 0.05, APD collapsed to chance on one seed. The
+        # ablations as on digits: K = 1 and 2 at equal compute, APD with L-inf and n-sparse budgets
         epochs=8, lr_grid=(0.05,), per_method_lrs=(0.02,), eps_grid=(0.01, 0.02), k_grid=(2,),
         eval_eps=(0.005, 0.01, 0.02, 0.05), sweep_eps=(1e-4, 1e-3, 1e-2), corrupted_test=5, curvature=False,
-        density=True,
+        density=True, equal_compute=True, shaped_defenses=("apd_linf", "apd_sparse"),
         random_trials=3, seeds=5, methods=("plain", "plain_matched", "one_step", "sam", "sam_layer"),
         info={**sizes, "model": "SmallCNN widths (16, 32)"},
         bitflips={**BITFLIPS, "search_flips": 30},
