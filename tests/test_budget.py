@@ -690,30 +690,39 @@ def test_sync_free_selection_equals_the_host_path_bit_for_bit(case, monkeypatch)
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
-def test_sync_free_selection_reads_no_value_back_to_the_host(monkeypatch):
-    """The accelerators' path never turns a tensor into a Python value (each would wait for the
-    device): with every such conversion made to fail, a sparse projection and steepest step
-    still run (on the CPU here; the CUDA suite checks the same with sync debug mode)."""
+@pytest.mark.parametrize("budget", [ps.Budget("l2", 0.5, sparsity=100), ps.Budget("linf", 0.5, sparsity=100),
+                                    ps.Budget("l1", 0.5), ps.Budget("l1", 0.5, scale="layer")],
+                         ids=lambda b: f"{b.norm}-{b.scale}-{b.sparsity}")
+def test_accelerator_paths_read_no_value_back_to_the_host(budget):
+    """On the meta device a tensor has a shape and no data, so any step that needs a value on
+    the host (``.item()``, ``nonzero``, indexing by a tensor, a data-dependent size) raises:
+    projection and steepest ascent of sparse and L1 budgets run there, as they must on a GPU to
+    never wait for it."""
+    params = [torch.empty(300, 40, device="meta"), torch.empty(40, device="meta")]
+    x = [torch.empty_like(p) for p in params]
+    out = budget.project_(x, params)
+    assert [t.shape for t in out] == [p.shape for p in params] and out[0].device.type == "meta"
+    if budget.sparsity is not None:  # the L1 steepest step is an argmax (its own sync-free path)
+        budget.steepest_([torch.empty_like(p) for p in params], params)
+
+
+def test_sync_free_selection_equals_the_host_path_on_mixed_dtypes_and_ties(monkeypatch):
     import parashield.budget as budget_module
 
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(300, 40, generator=gen), torch.randn(40, generator=gen)]
-    x = [torch.randn_like(p) for p in params]
-    budget = ps.Budget("l2", 0.5, sparsity=100)
-    expected = budget.project([t.clone() for t in x], params)
-    monkeypatch.setattr(budget_module, "_sync_free", lambda ts: True)
-
-    def host_read(*args, **kwargs):
-        raise AssertionError("a tensor value was read on the host")
-
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    monkeypatch.setattr(torch, "nonzero", host_read)
-    out = [t.clone() for t in x]
-    budget_module._keep_top_n_(out, torch.abs, 100, lambda v: v * budget_module._shrink_factor(0.5, torch.linalg.vector_norm(v)))
-    monkeypatch.undo()
-    assert all(torch.equal(a, b) for a, b in zip(out, expected))
-    assert sum(int(t.count_nonzero()) for t in out) == 100
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.round(torch.randn(shape, generator=gen) * 4) / 4 for shape in ((50, 60), (7,), (40, 30))]
+    xs = [xs[0].to(torch.float16), xs[1].double(), xs[2].t()]  # mixed dtypes, a transposed view
+    xs[1][2] = float("nan")
+    results = []
+    for path in (False, True):
+        monkeypatch.setattr(budget_module, "_sync_free", lambda ts, path=path: path)
+        out = [x.clone() if x.is_contiguous() else x.t().clone().t() for x in xs]
+        budget_module._keep_top_n_(out, torch.abs, 500, lambda v: v * 0.5)
+        results.append(out)
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert sum(int((t != 0).sum()) for t in results[1]) == 500
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -369,6 +369,21 @@ def test_hvp_operator_over_one_batch_equals_the_plain_product(models):
         assert pr.hvp_operator() == pr.hvp  # several batches: one graph at a time, product by product
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_loss_and_gradient_report_the_same_loss(models, dtype):
+    """``Probe.loss`` and ``Probe.gradient`` give the same value, bit for bit, over one batch
+    (the batch's own loss) and over several (the example-weighted mean): attacks compare the
+    two (Auto-PGD's history), so they must not differ by a rounding."""
+    model = models.make_mlp(seed=1, sizes=(3, 4, 2), dtype=dtype)
+    one = models.regression_batch(seed=4, n=199, dtype=dtype)
+    for data in (one, [one, models.regression_batch(seed=5, n=7, dtype=dtype)]):
+        with ps.Objective(model, models.mse_loss, data).probe() as pr:
+            loss, _ = pr.gradient()
+            assert loss.dtype == torch.float64 and torch.equal(loss, pr.loss())
+    with ps.Objective(model, models.mse_loss, one).probe() as pr:
+        assert float(pr.loss()) == float(models.mse_loss(model, one))
+
+
 def test_hessian_top_eigenvalue_matches_dense(mlp_objective):
     obj = mlp_objective
     assert obj.numel == 32

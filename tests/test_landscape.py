@@ -129,21 +129,39 @@ def test_auto_loops_on_the_cpu_so_an_unvmappable_loss_just_works(models, recwarn
                                rtol=1e-12, atol=1e-14)
 
 
-def test_the_loop_moves_parameters_in_place_without_allocating_per_point(mlp_objective, monkeypatch):
+def test_the_loop_allocates_nothing_parameter_sized_per_point():
     """The CPU loop sets ``w + sum_k c_k d_k`` with one copy and one fused add per direction:
-    no stacked chunk of corruptions (``torch.tensordot``) is built."""
-    d1, d2 = random_direction(mlp_objective, seed=1), random_direction(mlp_objective, seed=2)
+    the parameter-sized allocations of a call (the probe's copy of w) do not grow with the
+    number of points, as a batched chunk of corruptions would."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 2))  # 64k-entry weight
+    obj = Objective(model, lambda m, b: m(b).square().mean(), torch.randn(2, 256))
+    d1, d2 = random_direction(obj, seed=1), random_direction(obj, seed=2)
 
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the loop must not materialize a chunk of corruptions")
+    def large_allocations(points: int) -> int:
+        alphas = torch.linspace(-1, 1, points)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss_surface(obj, d1, d2, alphas, [0.5])
+        return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= 4 * 256 * 256)
 
-    monkeypatch.setattr(torch, "tensordot", forbidden)
-    grid = loss_surface(mlp_objective, d1, d2, [-1.0, 0.5], [0.25, 2.0])
-    with torch.no_grad():
-        for i, a in enumerate([-1.0, 0.5]):
-            for j, b in enumerate([0.25, 2.0]):
-                expected = mlp_objective.loss([a * x + b * y for x, y in zip(d1, d2)])
-                assert float(grid[i, j]) == pytest.approx(expected, rel=1e-12)
+    # the probe's copy of w and one finiteness check per direction, whatever the number of points
+    assert large_allocations(3) == large_allocations(30) <= 3
+
+
+def test_a_loss_fn_returning_one_buffer_gives_every_point_its_own_value(mlp_objective):
+    """Each point's loss is copied out: a loss_fn that writes into a buffer it reuses (float64,
+    where no cast copies it) still gives the line, not the last point everywhere."""
+    buffer = torch.zeros((), dtype=torch.float64)
+    model, batch = mlp_objective.model, mlp_objective.data
+
+    def reused(m, b):
+        return buffer.copy_(((m(b[0]) - b[1]) ** 2).mean())
+
+    d = random_direction(mlp_objective, seed=1)
+    expected = loss_line(mlp_objective, d, [-1.0, 0.0, 1.0])
+    got = loss_line(Objective(model, reused, batch), d, [-1.0, 0.0, 1.0])
+    assert len(set(got.tolist())) == 3
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("vectorize", [True, False])

@@ -180,19 +180,25 @@ def _top_n_indices(ts: Sequence[Tensor], n: int, score: Optional[Callable[[Tenso
 def _keep_top_n_static_(ts: Sequence[Tensor], scores: Scores, n: int,
                         transform: Optional[Callable[[Tensor], Tensor]]) -> None:
     """``_keep_top_n_`` with every size known before its kernels run, so that an accelerator
-    never waits for the host: the n-th largest score from ``topk``, the mask of the n kept
-    entries (ties at that score broken by position, as ``_top_n_indices`` does), their
-    positions by ``nonzero_static``, the kept values written back through one flat buffer.
-    Full-size work: the scores, the mask and a running count of ties, three copies; the same
-    result as the host path, bit for bit."""
+    never waits for the host: the n-th largest score from ``topk``; the positions of the scores
+    above it and of the first ties at it by ``nonzero_static`` (n of each at most, padded with
+    an out-of-range sentinel), the ties beyond the n - #above needed masked to the sentinel, and
+    the n smallest positions kept: ties broken by position, as ``_top_n_indices`` does, with the
+    same result bit for bit. Full-size work: the scores and two masks (~6 bytes an entry for
+    float32), then the kept values written back through one flat copy."""
+    k = sum(t.numel() for t in ts)
     score = torch.cat([(scores(t.reshape(-1)) if callable(scores) else sc.reshape(-1))
                        for t, sc in zip(ts, ts if callable(scores) else scores)])
-    score = torch.nan_to_num(score, nan=math.inf)  # a NaN ranks above every number
+    score = torch.nan_to_num_(score, nan=math.inf)  # a NaN ranks above every number
     thr = torch.topk(score, n, sorted=False).values.min()
-    above = score > thr
-    ties = score == thr
-    keep = above | (ties & (torch.cumsum(ties, 0, dtype=torch.int32) <= n - above.sum(dtype=torch.int32)))
-    idx = torch.nonzero_static(keep, size=n).squeeze(1)
+    above, ties = score > thr, score == thr
+    del score
+    first_above = torch.nonzero_static(above, size=n, fill_value=k).squeeze(1)
+    first_ties = torch.nonzero_static(ties, size=n, fill_value=k).squeeze(1)
+    wanted = n - above.sum()
+    del above, ties
+    first_ties = torch.where(torch.arange(n, device=first_ties.device) < wanted, first_ties, k)
+    idx = torch.sort(torch.cat([first_above, first_ties])).values[:n]
     flat = _flat(ts)
     new = flat[idx]
     if transform is not None:
@@ -205,11 +211,11 @@ def _keep_top_n_static_(ts: Sequence[Tensor], scores: Scores, n: int,
 def _keep_top_n_(ts: Sequence[Tensor], scores: Scores, n: int,
                  transform: Optional[Callable[[Tensor], Tensor]] = None) -> None:
     """Zero, in place, every entry of ``ts`` outside the n largest scores; ``scores`` is one
-    tensor per entry of ``ts`` or a function computing the scores of values (then computed block
-    by block, never as full-size tensors). ``transform`` maps the kept values (all tensors'
-    concatenated, a short vector) to what is written back. On an accelerator without a host
-    sync (``_keep_top_n_static_``); on the CPU by candidates above a sampled threshold, which
-    allocates nothing the size of the parameters."""
+    tensor per entry of ``ts`` or a function computing the scores of values. ``transform`` maps
+    the kept values (all tensors' concatenated, a short vector) to what is written back. On the
+    CPU by candidates above a sampled threshold, the scores computed block by block, so that
+    nothing the size of the parameters is allocated; on an accelerator without a host sync
+    (``_keep_top_n_static_``, which holds the scores as one full-size tensor)."""
     if n < sum(t.numel() for t in ts) and _sync_free(ts):
         _keep_top_n_static_(ts, scores, n, transform)
         return
@@ -250,7 +256,7 @@ def _project_l1_weighted(x: Tensor, r: Union[float, Tensor], c: Optional[Tensor]
     valid = b_sorted > lam_m
     # the last valid breakpoint (0 when none), without a host sync
     m = torch.where(valid, torch.arange(len(valid), device=x.device), 0).max()
-    lam = lam_m[m].clamp_min(0)
+    lam = lam_m.gather(0, m.reshape(1)).squeeze(0).clamp_min(0)  # indexing by a tensor would sync
     out = torch.sign(x) * (ax - lam * c).clamp_min(0)
     # |x_i| - lam c_i cancels when r << |x|; a final rescale guarantees feasibility.
     used = (c * out.abs()).sum()

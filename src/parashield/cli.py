@@ -215,7 +215,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
            "corruption": {"kind": args.corruption, **options}, "searched_on": "train", "evaluated_on": "test",
            "metric": metric, "clean_train_loss": clean_train, "rows": [], "complete": False}
     _print_header("attack", setup)
-    described = "".join(f", {k} {v}" if k == "seed" else f", {v} {k}" for k, v in options.items())
+    described = "".join(f", {k} {v}" if k in ("restarts", "seed") else f", {v} {k}" for k, v in options.items())
     print(f"corruption: {args.corruption}{described}; budget: {_budget_text(args)}")
     print(f"searched on {_split_text(setup, 'train')}, evaluated on {_split_text(setup, 'test')}")
     columns = [("eps", "eps"), ("loss", "test loss")] + ([(metric, metric)] if metric else [])

@@ -4,9 +4,9 @@ parameters w, ``L(w + alpha d)`` and ``L(w + alpha d1 + beta d2)``.
 A direction is a list of tensors aligned with ``objective.params``, like a corruption's delta:
 a random one, filter-normalized after Li et al. (NeurIPS 2018) so that landscapes of differently
 scaled networks compare, or the direction of a corruption (``alpha = 1`` is that corruption).
-The grid points are evaluated in chunks with one batched ``vmap`` pass each
-(``Probe.stacked_losses``),
-and the model is restored bit for bit afterwards.
+On the CPU the grid points are evaluated one after another, the parameters moved in place; on
+an accelerator in chunks with one batched ``vmap`` pass each (``Probe.stacked_losses``). The
+model is restored bit for bit afterwards.
 
 The formulas: docs/method.md, "Loss landscapes"; usage: docs/guide.md.
 """

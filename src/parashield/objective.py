@@ -388,8 +388,8 @@ class Probe:
 
     def loss(self, data: Any = None) -> Tensor:
         """Example-weighted mean loss at the current parameters (0-dim tensor, float64)."""
-        with torch.no_grad():
-            terms = [(loss.detach().double(), n) for loss, n in self._losses(data)]
+        with torch.no_grad():  # copies: a loss_fn may return the same buffer every call
+            terms = [(loss.detach().to(torch.float64, copy=True), n) for loss, n in self._losses(data)]
         if not terms:
             raise ValueError(NO_EXAMPLE)
         if len(terms) == 1:  # the mean of one batch: its loss, no rounding of l * n / n
@@ -407,9 +407,10 @@ class Probe:
         with torch.enable_grad():  # also inside the caller's no_grad(), as evaluation code often is
             for loss, n in self._losses(data, differentiable=True):
                 grads = _own_memory(torch.autograd.grad(loss, self.params, allow_unused=True), self.params)
-                term = loss.detach().double() * n
-                if acc is None:  # one batch: its gradient as it is, no scaling passes
-                    acc, total = grads, term
+                value = loss.detach().to(torch.float64, copy=True)
+                term = value * n
+                if acc is None:  # one batch: its gradient and loss as they are, no scaling passes
+                    acc, total, first = grads, term, value
                 else:
                     if batches == 1 and count != 1:
                         torch._foreach_mul_(acc, float(count))
@@ -421,7 +422,7 @@ class Probe:
             raise ValueError(NO_EXAMPLE)
         if batches > 1:
             torch._foreach_div_(acc, float(count))
-        loss = total / count
+        loss = total / count if batches > 1 else first  # as ``loss``: one batch's mean is its loss
         # One host sync for both checks: an infinite gradient norm turns the sum into NaN/Inf.
         probe_value = loss + torch.stack(foreach_norm(acc, 2.0)).to(loss).sum()
         if check:
