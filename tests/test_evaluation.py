@@ -184,6 +184,46 @@ def test_digits_at_least_as_strong_as_50_step_ascent_with_5_restarts(digits, bud
     assert budget.contains([ev.corruption.delta[n] for n in obj.names], obj.params)
 
 
+@pytest.fixture(scope="module")
+def fashion():
+    """A small CNN trained briefly on 3,000 Fashion-MNIST images (the Debian package's files,
+    which CI installs): attack data and held-out data of 300 images each."""
+    from parashield.reproduce.datasets import load_fashion_mnist
+
+    try:
+        data = load_fashion_mnist(limit_train=3600)
+    except (FileNotFoundError, RuntimeError) as exc:
+        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
+    x, y = data.x_train, data.y_train
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 5, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 5, stride=2), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(120):
+        i = torch.arange(step * 200, step * 200 + 200) % 3000
+        opt.zero_grad()
+        ce(model, (x[i], y[i])).backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, (x[3000:3300], y[3000:3300]), (x[3300:3600], y[3300:3600])
+
+
+@pytest.mark.parametrize("budget", [ps.Budget("l2", 0.05, scale="layer"), ps.Budget("linf", 0.02, scale="layer"),
+                                    ps.Budget("l2", 1.0, sparsity=20)],
+                         ids=lambda b: f"{b.norm}-{b.scale}-{b.sparsity}")
+def test_fashion_at_least_as_strong_as_50_step_ascent_with_5_restarts(fashion, budget):
+    model, attack, heldout = fashion
+    obj = ps.Objective(model, ce, attack)
+    assert float(_accuracy(heldout)(model)) > 0.7  # a trained model, not a toy at chance
+    reference = ps.MultiStepCorruption(budget, steps=50, restarts=5)(obj)
+    ev = ps.evaluate_robustness(obj, budget, classification=True).results[0]
+    assert ev.passes <= reference.passes
+    assert ev.loss_after >= reference.loss_after
+    assert budget.contains([ev.corruption.delta[n] for n in obj.names], obj.params)
+
+
 def test_reports_on_held_out_data_and_restores_the_model(digits):
     model, attack, heldout = digits
     state = {k: v.clone() for k, v in model.state_dict().items()}
