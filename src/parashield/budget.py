@@ -187,8 +187,7 @@ def _keep_top_n_static_(ts: Sequence[Tensor], scores: Scores, n: int,
     same result bit for bit. Full-size work: the scores and two masks (~6 bytes an entry for
     float32), then the kept values written back through one flat copy."""
     k = sum(t.numel() for t in ts)
-    score = torch.cat([(scores(t.reshape(-1)) if callable(scores) else sc.reshape(-1))
-                       for t, sc in zip(ts, ts if callable(scores) else scores)])
+    score = torch.cat([scores(t.reshape(-1)) for t in ts] if callable(scores) else [s.reshape(-1) for s in scores])
     score = torch.nan_to_num_(score, nan=math.inf)  # a NaN ranks above every number
     thr = torch.topk(score, n, sorted=False).values.min()
     above, ties = score > thr, score == thr

@@ -450,8 +450,9 @@ class APD(torch.optim.Optimizer):
         Setting to None is ``Optimizer.zero_grad``'s own loop without its profiler range and
         compiler guard (~40 us a call on the CPU, and a step calls it once per pass), unless a
         profiler is recording."""
-        if not (set_to_none or self._progress.in_trajectory) or torch.autograd.profiler._is_profiler_enabled:
-            super().zero_grad(set_to_none or self._progress.in_trajectory)
+        to_none = set_to_none or self._progress.in_trajectory
+        if not to_none or torch.autograd.profiler._is_profiler_enabled:
+            super().zero_grad(to_none)
             return
         for group in self.param_groups:
             for p in group["params"]:

@@ -127,22 +127,20 @@ def _losses_at(objective: Objective, directions: Sequence[Tensors], coords: Tens
             values = []
             for row in progress(coords.tolist(), desc=desc, unit="point", leave=False):
                 pr.set_along(directions, row)
-                values.append(pr.loss().cpu())
-        out = torch.stack(values)
-        return torch.where(torch.isfinite(out), out, math.inf)
-    chunk = min(size, len(coords))
-    check_memory(8 * chunk * objective.numel, f"a chunk of {chunk} points (batch_size)", objective.device)
+                values.append(pr.loss().cpu().reshape(1))
+    else:
+        chunk = min(size, len(coords))
+        check_memory(8 * chunk * objective.numel, f"a chunk of {chunk} points (batch_size)", objective.device)
+        # Per parameter the directions stacked (K, *shape): a chunk of points is one tensordot each.
+        stacked = [torch.stack(column) for column in zip(*directions)]
 
-    # Per parameter the directions stacked (K, *shape): a chunk of points is one tensordot each.
-    stacked = [torch.stack(column) for column in zip(*directions)]
+        def chunks():
+            for start in progress(range(0, len(coords), size), desc=desc, unit="chunk", leave=False):
+                rows = coords[start : start + size]
+                yield [torch.tensordot(rows.to(d), d, dims=1) for d in stacked]
 
-    def chunks():
-        for start in progress(range(0, len(coords), size), desc=desc, unit="chunk", leave=False):
-            rows = coords[start : start + size]
-            yield [torch.tensordot(rows.to(d), d, dims=1) for d in stacked]
-
-    with objective.probe() as pr:
-        values = [v.detach().double().cpu() for _, v in pr.stacked_losses_of(chunks(), vectorize, "landscape points")]
+        with objective.probe() as pr:
+            values = [v.detach().double().cpu() for _, v in pr.stacked_losses_of(chunks(), vectorize, "landscape points")]
     out = torch.cat(values)
     return torch.where(torch.isfinite(out), out, math.inf)
 

@@ -364,8 +364,8 @@ class Probe:
     def set_along(self, directions: Sequence[Sequence[Tensor]], coords: Sequence[float]) -> None:
         """Move the selected parameters to ``w + sum_k coords[k] * directions[k]`` in place (a
         copy of w and one fused multiply-add per direction; nothing allocated)."""
+        self.set(None)
         with torch.no_grad():
-            torch._foreach_copy_(self.params, self._saved)
             for d, c in zip(directions, coords):
                 torch._foreach_add_(self.params, list(d), alpha=float(c))
 
