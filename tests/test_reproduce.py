@@ -373,6 +373,45 @@ def test_sam_rho_grid_spans_the_layer_relative_radius(tiny, tmp_path):
     assert s["candidates"] == [round(e * w, 6) for e in tiny.eps_grid]
 
 
+def test_a_resumed_selection_needs_no_checkpoint(tiny, tmp_path, monkeypatch):
+    """SAM's rho grid scales with plain's weight norm: cached beside the run, so that a selection
+    resumed where the checkpoints are gone (e.g. runs brought back from another machine) neither
+    retrains plain nor moves the grid."""
+    first = run(tiny, ("plain", "sam"), 1, tmp_path)
+    for ckpt in tmp_path.rglob("train.pt"):
+        ckpt.unlink()
+    from parashield.reproduce import runner
+
+    monkeypatch.setattr(runner.Run, "_train", lambda self: pytest.fail("a cached run was trained again"))
+    again = run(tiny, ("plain", "sam"), 1, tmp_path)
+    assert again["selection"] == first["selection"] and again["runs"] == first["runs"]
+
+
+def test_finishing_runs_one_at_a_time_writes_the_entries_the_protocol_reads(tiny, tmp_path, monkeypatch):
+    """scripts/finish_runs.py (for short GPU leases) computes every final run's evaluation,
+    ensemble and budget ablation run by run; the protocol then trains nothing but the runs it
+    was told to skip, and reads the same entries."""
+    import importlib.util
+
+    from parashield.reproduce import runner
+    from parashield.reproduce.ablation import run_budget_ablation
+    from parashield.reproduce.ensemble import run_ensemble
+
+    spec = importlib.util.spec_from_file_location("finish_runs", Path(__file__).parents[1] / "scripts" / "finish_runs.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    task = dataclasses.replace(tiny, methods=("plain", "one_step"), seeds=2)
+    script.finish(task, tmp_path, skip=frozenset({("one_step", 1)}))
+    trained = []
+    train = runner.Run._train
+    monkeypatch.setattr(runner.Run, "_train", lambda self: trained.append((self.spec.method, self.seed)) or train(self))
+    result = run(task, task.methods, task.seeds, tmp_path)
+    run_ensemble(task, result, tmp_path)
+    run_budget_ablation(task, result, tmp_path)
+    assert set(trained) == {("one_step", 1)}  # trained once, then loaded by each later phase
+    assert {(r["method"], r["seed"]) for r in result["runs"]} == {(m, s) for s in (0, 1) for m in ("plain", "one_step", result["headline"])}
+
+
 def test_second_run_is_served_from_the_cache(tiny, tmp_path, monkeypatch):
     first = run(tiny, ("plain", "apd2"), 1, tmp_path)
     from parashield.reproduce import runner

@@ -41,14 +41,18 @@ def budget_evaluate(task: Task, model: nn.Module) -> dict:
     return {"clean_subset_metric": _metric(task, model, data), "rows": rows}
 
 
+def budgets_entry(task: Task, run: Run) -> dict:
+    """The run's ``budgets.json`` entry (computed on first use)."""
+    return run.cached("budgets", lambda m: budget_evaluate(task, m), extra_key={"sparse_share": SPARSE_SHARE})
+
+
 def run_budget_ablation(task: Task, result: dict, out: Path) -> list[dict]:
     """The ablation for the controls and the headline APD of a finished protocol result."""
     wanted = {*CONTROLS, result["headline"]}
     jobs = [r for r in result["runs"] if r["method"] in wanted]
 
     def one(r: dict, run: Run) -> dict:
-        data = run.cached("budgets", lambda m: budget_evaluate(task, m), extra_key={"sparse_share": SPARSE_SHARE})
-        return {"method": r["method"], "seed": r["seed"], **data}
+        return {"method": r["method"], "seed": r["seed"], **budgets_entry(task, run)}
 
     return shared_map(jobs, lambda r: Run(task, Spec(**r["spec"]), r["seed"], out), one,
                       f"budget ablation {task.name}")

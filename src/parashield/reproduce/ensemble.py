@@ -26,13 +26,17 @@ def ensemble_evaluate(task: Task, model: nn.Module, seed: int) -> dict:
                       "attack_loss_change": r.loss_change, "passes": r.passes} for r in ev.results]}
 
 
+def ensemble_entry(task: Task, run: Run) -> dict:
+    """The run's ``ensemble.json`` entry (computed on first use)."""
+    return run.cached("ensemble", lambda m: ensemble_evaluate(task, m, run.seed),
+                      extra_key={"steps": task.ensemble_steps, "restarts": task.ensemble_restarts})
+
+
 def run_ensemble(task: Task, result: dict, out: Path) -> list[dict]:
     """The ensemble for every final run of a protocol result."""
-    settings = {"steps": task.ensemble_steps, "restarts": task.ensemble_restarts}
 
     def one(r: dict, run: Run) -> dict:
-        data = run.cached("ensemble", lambda m: ensemble_evaluate(task, m, r["seed"]), extra_key=settings)
-        return {"method": r["method"], "seed": r["seed"], **data}
+        return {"method": r["method"], "seed": r["seed"], **ensemble_entry(task, run)}
 
     return shared_map(result["runs"], lambda r: Run(task, Spec(**r["spec"]), r["seed"], out), one,
                       f"attack ensemble {task.name}")

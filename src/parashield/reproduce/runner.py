@@ -14,7 +14,8 @@
    sweep and a per-layer table measured by corrupting one tensor at a time.
 
 Each run lives in ``<out>/cache/<task>/<run>/seed<k>/``: ``train.pt`` (checkpoint after every
-epoch, so an interrupted run resumes), ``valid.json`` and ``eval.json``; see :mod:`.cache`.
+epoch, so an interrupted run resumes), ``valid.json`` and ``eval.json`` (plain's seed-0 run also
+``weight_norm.json``, which scales SAM's rho grid); see :mod:`.cache`.
 Several processes may share one output folder (e.g. one per core, each with ``--threads 1``):
 the loops over runs (selection candidates, final runs, every later evaluation but the seed-0
 Hessian densities) take first the runs no other process is working on (:func:`shared_map`).
@@ -400,7 +401,8 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     if "sam_layer" in methods:
         specs["sam_layer"] = eps_of("sam_layer")
     if "sam" in methods:  # absolute rho spanning the layer-relative radii: eps * ||w|| of trained plain
-        w = _norm(Run(task, plain, 0, out).model())
+        # cached beside the run, so that a resumed selection needs no checkpoint of plain
+        w = Run(task, plain, 0, out).cached("weight_norm", lambda m: {"norm": _norm(m)})["norm"]
         rhos = [round(e * w, 6) for e in task.eps_grid]
         specs["sam"] = defense("sam", [Spec("sam", lr, r) for r in rhos], rhos)
         record["sam_rho"]["plain_weight_norm"] = w
