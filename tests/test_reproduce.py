@@ -866,3 +866,23 @@ def test_shared_map_keeps_no_run_alive():
     assert shared_map(range(3), run_of, lambda i, r: i, "test") == [0, 1, 2]
     gc.collect()
     assert made and all(ref() is None for ref in made)
+
+
+def test_hessian_negative_mass_counts_curvature_below_a_share_of_the_largest():
+    """A quadratic with Hessian diag(10, 1, -0.05, -0.5): Lanczos is exact in 4 steps and a
+    Rademacher probe puts weight 1/4 on each eigenvalue, so the mass below -0.01 x 10 is 1/4
+    (only -0.5), where counting every node below 0 would give 1/2."""
+    import types
+
+    from parashield.reproduce.spectrum import NEGATIVE_SHARE, density_evaluate
+
+    h = torch.tensor([10.0, 1.0, -0.05, -0.5], dtype=torch.float64)
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.4], dtype=torch.float64))
+    task = types.SimpleNamespace(loss_fn=lambda m, batch: 0.5 * (h * m.w**2).sum(), attack_data=[torch.zeros(1)])
+    d = density_evaluate(task, model)
+    assert NEGATIVE_SHARE == 0.01 and d["negative_share"] == NEGATIVE_SHARE
+    assert d["top"] == pytest.approx(10.0) and d["bottom"] == pytest.approx(-0.5)
+    assert d["negative_mass"] == pytest.approx(0.25)
+    nodes, weights = torch.tensor(d["nodes"]), torch.tensor(d["weights"])
+    assert float((weights * (nodes < 0)).sum(1).mean()) == pytest.approx(0.5)

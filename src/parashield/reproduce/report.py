@@ -169,8 +169,10 @@ def task_markdown(name: str, tr: dict, images: bool) -> list[str]:
     for method, comps in (tr.get("shaped_defense_comparisons") or {}).items():
         lines += _shaped_defense_markdown(tr, method, comps)
     if tr.get("hessian_density"):
+        share = next(iter(tr["hessian_density"].values())).get("negative_share", 0)
+        below = f"-{share:g} x the largest" if share else "0"
         lines += ["#### Hessian spectrum (seed 0, attack data, stochastic Lanczos quadrature)", "",
-                  "| method | largest Ritz value | smallest | mass below 0 |", "|---|---|---|---|"]
+                  f"| method | largest Ritz value | smallest | quadrature mass below {below} |", "|---|---|---|---|"]
         failed = {(c["method"], c["seed"]) for c in dec.get("collapsed", [])}
         lines += [f"| {_label(m)}{' (seed 0 collapsed)' if (m, 0) in failed else ''} | {_fmt(d['top'])} | "
                   f"{_fmt(d['bottom'])} | {_fmt(d['negative_mass'])} |" for m, d in tr["hessian_density"].items()]

@@ -16,12 +16,20 @@ from .tasks import Task
 
 #: stochastic Lanczos quadrature: probe vectors and Lanczos steps per probe
 SETTINGS = {"probes": 4, "iters": 60}
+#: negative curvature counts from -NEGATIVE_SHARE x the largest Ritz value down: the quadrature
+#: mass of the near-zero bulk falls on both sides of 0, and counting every node below 0 measured
+#: where that bulk's nodes land more than negative curvature
+NEGATIVE_SHARE = 0.01
 
 
 def density_evaluate(task: Task, model: nn.Module) -> dict:
+    """The smoothed density, the extreme Ritz values, the quadrature nodes and weights per probe,
+    and the mass below ``-NEGATIVE_SHARE`` x the largest Ritz value (mean over probes)."""
     d = hessian_density(Objective(model, task.loss_fn, task.attack_data), seed=0, **SETTINGS)
-    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "top": float(d.nodes.max()),
-            "bottom": float(d.nodes.min()), "negative_mass": float((d.weights * (d.nodes < 0)).sum(1).mean())}
+    top = float(d.nodes.max())
+    return {"grid": d.grid.tolist(), "density": d.density.tolist(), "top": top, "bottom": float(d.nodes.min()),
+            "nodes": d.nodes.tolist(), "weights": d.weights.tolist(), "negative_share": NEGATIVE_SHARE,
+            "negative_mass": float((d.weights * (d.nodes < -NEGATIVE_SHARE * top)).sum(1).mean())}
 
 
 def run_density(task: Task, result: dict, out: Path) -> dict:
@@ -31,5 +39,6 @@ def run_density(task: Task, result: dict, out: Path) -> dict:
     for r in result["runs"]:
         if r["seed"] == 0 and r["method"] in wanted:
             run = Run(task, Spec(**r["spec"]), 0, out)
-            rows[r["method"]] = run.cached("density", lambda m: density_evaluate(task, m), extra_key=SETTINGS)
+            rows[r["method"]] = run.cached("density", lambda m: density_evaluate(task, m),
+                                           extra_key={**SETTINGS, "negative_share": NEGATIVE_SHARE})
     return rows
