@@ -886,3 +886,21 @@ def test_hessian_negative_mass_counts_curvature_below_a_share_of_the_largest():
     assert d["negative_mass"] == pytest.approx(0.25)
     nodes, weights = torch.tensor(d["nodes"]), torch.tensor(d["weights"])
     assert float((weights * (nodes < 0)).sum(1).mean()) == pytest.approx(0.5)
+
+
+def test_a_widened_grid_keeps_the_cached_runs_and_trains_only_new_candidates(tiny, tmp_path, monkeypatch):
+    first = run(tiny, ("plain", "one_step"), 1, tmp_path)
+    wide = dataclasses.replace(tiny, eps_grid=(*tiny.eps_grid, 2 * tiny.eps_grid[-1]),
+                               key_grids={"eps_grid": tiny.eps_grid})
+    assert wide.run_config() == tiny.run_config() and wide.config()["eps_grid"] == wide.eps_grid
+    from parashield.reproduce import runner
+
+    trained = []
+    train = runner.Run._train
+    monkeypatch.setattr(runner.Run, "_train", lambda self: trained.append(self.spec) or train(self))
+    again = run(wide, ("plain", "one_step"), 1, tmp_path)
+    assert trained and all(s.eps == wide.eps_grid[-1] for s in trained)  # the new candidates alone
+    assert again["selection"]["one_step_eps"]["candidates"] == list(wide.eps_grid)
+    assert again["selection"]["lr"] == first["selection"]["lr"]
+    with pytest.raises(ValueError, match="key_grids"):
+        dataclasses.replace(tiny, key_grids={"eval_eps": (0.1,)})

@@ -84,12 +84,20 @@ class Task:
     methods: Optional[tuple] = None  #: methods of a full run (None: every method of the protocol)
     info: dict = field(default_factory=dict)
     bitflips: Optional[dict] = None
+    #: the selection grids ("lr_grid", "eps_grid", "k_grid") that run cache keys carry where they
+    #: differ from the grids in use: a grid widened after runs were cached keeps their keys, so only
+    #: the new candidates (and the final runs of a pick that moves) are trained (the grids choose
+    #: which runs are made, not what a run computes)
+    key_grids: dict = field(default_factory=dict)
     #: ``tiny(examples) -> dict`` of field overrides for :meth:`shrink`
     tiny: Optional[Callable[[int], dict]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.layer_table not in ("tensors", "matrices"):
             raise ValueError(f"layer_table must be 'tensors' or 'matrices', got {self.layer_table!r}")
+        unknown = sorted(set(self.key_grids) - {"lr_grid", "eps_grid", "k_grid"})
+        if unknown:
+            raise ValueError(f"key_grids may hold 'lr_grid', 'eps_grid' and 'k_grid', got {unknown}")
 
     @property
     def corrupted_data(self) -> list:
@@ -142,11 +150,12 @@ class Task:
                 "k_grid", "eval_eps", "sweep_eps", "multi_steps", "strong_steps", "strong_restarts",
                 "random_trials", "curvature", "curvature_iters", "corrupted_test", "info")
         extra = {} if self.layer_table == "tensors" else {"layer_table": self.layer_table}  # older keys unchanged
-        return {**{k: getattr(self, k) for k in keys}, **extra}
+        return {**{k: getattr(self, k) for k in keys}, **self.key_grids, **extra}
 
     def config(self) -> dict:
-        """The task's settings for the report: :meth:`run_config` and the selection grids."""
-        return {**self.run_config(), "per_method_lrs": self.per_method_lrs}
+        """The task's settings for the report: :meth:`run_config` and the selection grids in use."""
+        grids = {k: getattr(self, k) for k in ("lr_grid", "eps_grid", "k_grid")}
+        return {**self.run_config(), **grids, "per_method_lrs": self.per_method_lrs}
 
 
 #: int8 flip experiments: random flip counts (``trials`` draws each), the progressive search's
