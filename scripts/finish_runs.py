@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 
 from parashield._cli_setup import load_task
-from parashield.reproduce.ablation import budgets_entry
+from parashield.reproduce.ablation import ablated, budgets_entry
 from parashield.reproduce.ensemble import ensemble_entry
-from parashield.reproduce.findings import CONTROLS
 from parashield.reproduce.runner import (
+    METHODS,
     Run,
     TimeLimitReached,
-    select,
+    eval_entry,
+    final_methods,
     shared_map,
-    test_evaluation,
     time_limit,
 )
 from parashield.reproduce.tasks import Task
@@ -36,15 +36,13 @@ from parashield.reproduce.tasks import Task
 def finish(task: Task, out: Path, skip: frozenset = frozenset()) -> None:
     """Select on validation (cached), then finish every final run of ``task`` but ``skip``
     ((method, seed) pairs), one run at a time."""
-    specs, selection = select(task, out, task.methods)
-    headline = f"apd{selection['headline_k']['pick']}"
-    jobs = [(seed, m) for seed in range(task.seeds) for m in (*task.methods, headline) if (m, seed) not in skip]
+    specs, _, headline, methods = final_methods(task, out, tuple(task.methods or METHODS))
+    jobs = [(seed, m) for seed in range(task.seeds) for m in methods if (m, seed) not in skip]
 
     def one(job: tuple[int, str], run: Run) -> None:
-        seed, method = job
-        run.cached("eval", lambda m: test_evaluation(task, m, seed))
+        eval_entry(task, run)
         ensemble_entry(task, run)
-        if method in (*CONTROLS, headline):
+        if ablated(job[1], headline):
             budgets_entry(task, run)
 
     shared_map(jobs, lambda job: Run(task, specs[job[1]], job[0], out), one, f"{task.name} finish")

@@ -6,6 +6,7 @@ parameters. Cached per run in ``budgets.json``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
@@ -46,10 +47,14 @@ def budgets_entry(task: Task, run: Run) -> dict:
     return run.cached("budgets", lambda m: budget_evaluate(task, m), extra_key={"sparse_share": SPARSE_SHARE})
 
 
+def ablated(method: str, headline: Optional[str]) -> bool:
+    """Whether the ablation attacks a method's final runs: the controls and the headline APD."""
+    return method in (*CONTROLS, headline)
+
+
 def run_budget_ablation(task: Task, result: dict, out: Path) -> list[dict]:
     """The ablation for the controls and the headline APD of a finished protocol result."""
-    wanted = {*CONTROLS, result["headline"]}
-    jobs = [r for r in result["runs"] if r["method"] in wanted]
+    jobs = [r for r in result["runs"] if ablated(r["method"], result["headline"])]
 
     def one(r: dict, run: Run) -> dict:
         return {"method": r["method"], "seed": r["seed"], **budgets_entry(task, run)}

@@ -425,6 +425,21 @@ def select(task: Task, out: Path, methods: tuple[str, ...]) -> tuple[dict[str, S
     return specs, record
 
 
+def final_methods(task: Task, out: Path, methods: tuple[str, ...]
+                  ) -> tuple[dict[str, Spec], dict, Optional[str], tuple[str, ...]]:
+    """The selection on validation (:func:`select`), the headline APD's method (K chosen on
+    validation; None for plain training alone) and the methods of the final runs (``methods``
+    and the headline)."""
+    specs, selection = select(task, out, methods)
+    headline = f"apd{selection['headline_k']['pick']}" if "headline_k" in selection else None
+    return specs, selection, headline, methods if headline in (None, *methods) else (*methods, headline)
+
+
+def eval_entry(task: Task, run: Run) -> dict:
+    """The run's ``eval.json`` entry: its test evaluation (computed on first use)."""
+    return run.cached("eval", lambda m: test_evaluation(task, m, run.seed))
+
+
 def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -> dict:
     """The whole protocol for one task: references, selection, final runs over ``seeds``. The
     headline APD (K chosen on validation) joins any methods but ``("plain",)`` alone."""
@@ -438,15 +453,13 @@ def run(task: Task, methods: Optional[tuple[str, ...]], seeds: int, out: Path) -
     if references is None:
         references = task.references()
         cache.store(ref_path, ref_key, references)
-    specs, selection = select(task, out, methods)
-    headline = f"apd{selection['headline_k']['pick']}" if "headline_k" in selection else None
-    methods = methods if headline in (None, *methods) else (*methods, headline)
+    specs, selection, headline, methods = final_methods(task, out, methods)
+
     def final(job: tuple[int, str], r: Run) -> dict:
         seed, method = job
         spec = specs[method]
         return {"method": method, "seed": seed, "spec": asdict(spec), "passes": spec.passes, "compute": spec.compute,
-                "folder": str(r.folder.relative_to(out)),
-                "eval": r.cached("eval", lambda m: test_evaluation(task, m, seed))}
+                "folder": str(r.folder.relative_to(out)), "eval": eval_entry(task, r)}
 
     jobs = [(seed, m) for seed in range(seeds) for m in methods]
     runs = shared_map(jobs, lambda job: Run(task, specs[job[1]], job[0], out), final, f"{task.name} runs")

@@ -15,6 +15,10 @@ from torch import nn
 Batch = Any
 
 
+#: the selection grids of a task: they choose which runs are made
+GRIDS = ("lr_grid", "eps_grid", "k_grid")
+
+
 @dataclass
 class Task:
     """One reproduction task.
@@ -84,7 +88,7 @@ class Task:
     methods: Optional[tuple] = None  #: methods of a full run (None: every method of the protocol)
     info: dict = field(default_factory=dict)
     bitflips: Optional[dict] = None
-    #: the selection grids ("lr_grid", "eps_grid", "k_grid") that run cache keys carry where they
+    #: the selection grids (:data:`GRIDS`) that run cache keys carry where they
     #: differ from the grids in use: a grid widened after runs were cached keeps their keys, so only
     #: the new candidates (and the final runs of a pick that moves) are trained (the grids choose
     #: which runs are made, not what a run computes)
@@ -95,9 +99,9 @@ class Task:
     def __post_init__(self) -> None:
         if self.layer_table not in ("tensors", "matrices"):
             raise ValueError(f"layer_table must be 'tensors' or 'matrices', got {self.layer_table!r}")
-        unknown = sorted(set(self.key_grids) - {"lr_grid", "eps_grid", "k_grid"})
+        unknown = sorted(set(self.key_grids) - set(GRIDS))
         if unknown:
-            raise ValueError(f"key_grids may hold 'lr_grid', 'eps_grid' and 'k_grid', got {unknown}")
+            raise ValueError(f"key_grids may hold {', '.join(map(repr, GRIDS))}, got {unknown}")
 
     @property
     def corrupted_data(self) -> list:
@@ -154,8 +158,7 @@ class Task:
 
     def config(self) -> dict:
         """The task's settings for the report: :meth:`run_config` and the selection grids in use."""
-        grids = {k: getattr(self, k) for k in ("lr_grid", "eps_grid", "k_grid")}
-        return {**self.run_config(), **grids, "per_method_lrs": self.per_method_lrs}
+        return {**self.run_config(), **{k: getattr(self, k) for k in GRIDS}, "per_method_lrs": self.per_method_lrs}
 
 
 #: int8 flip experiments: random flip counts (``trials`` draws each), the progressive search's
